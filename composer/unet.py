@@ -1,0 +1,348 @@
+"""SD1.x UNet (the LDM ``UNetModel``), in the diffusers module tree.
+
+Attribute names mirror diffusers' ``UNet2DConditionModel`` (``down_blocks.0.attentions.0.
+transformer_blocks.0.attn2.to_k``...), so diffusers folders, kohya SD1 LoRAs, PEFT LoRAs and
+ED-LoRAs map onto it without a table; LDM single files go through the one table in
+``composer/convert.py``. Sources: Rombach et al. 2022 (LDM), diffusers ``unets/unet_2d_condition.py``.
+
+Shapes: x [B, 4, h, w] latent, t [] or [B] timesteps, context [B, 77, 768] -> eps [B, 4, h, w].
+Cross-attention layers are numbered l = 0..15 in forward order (method.md §1); each carries
+``layer_index`` so that the per-layer ED-LoRA contexts and region masks can find it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import attention, check_backend, merge_heads, split_heads
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    block_out_channels: tuple = (320, 640, 1280, 1280)
+    # which levels carry spatial transformers (SD1: all but the deepest)
+    attention_levels: tuple = (True, True, True, False)
+    layers_per_block: int = 2
+    heads: int = 8  # diffusers' (misnamed) attention_head_dim for SD1
+    cross_attention_dim: int = 768
+    norm_num_groups: int = 32
+    sample_size: int = 64
+
+    @property
+    def time_embed_dim(self) -> int:
+        return self.block_out_channels[0] * 4
+
+    @classmethod
+    def from_name(cls, name: str) -> "UNetConfig":
+        return UNET_PRESETS[name]
+
+    @classmethod
+    def from_diffusers(cls, cfg: dict) -> "UNetConfig":
+        """Read a diffusers ``unet/config.json``; refuse what is not SD1.x-shaped."""
+        def bad(msg):
+            raise ValueError(f"UNet config: {msg}; only SD1.x UNets are supported")
+        if cfg.get("use_linear_projection"):
+            bad("use_linear_projection=true (an SD2.x UNet)")
+        if cfg.get("addition_embed_type") or cfg.get("class_embed_type"):
+            bad(f"addition/class embeddings ({cfg.get('addition_embed_type') or cfg.get('class_embed_type')}, e.g. SDXL)")
+        if cfg.get("in_channels", 4) != 4:
+            bad(f"in_channels={cfg['in_channels']} (inpainting or instruct-pix2pix)")
+        down = cfg.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"])
+        up = cfg.get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)
+        levels = tuple(t == "CrossAttnDownBlock2D" for t in down)
+        if any(t not in ("CrossAttnDownBlock2D", "DownBlock2D") for t in down) or \
+                tuple(t == "CrossAttnUpBlock2D" for t in up) != levels[::-1]:
+            bad(f"block types {down} / {up}")
+        if cfg.get("transformer_layers_per_block", 1) not in (1, None):
+            bad("transformer_layers_per_block != 1")
+        heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
+        if not isinstance(heads, int):
+            bad(f"per-block head counts {heads}")
+        return cls(in_channels=cfg.get("in_channels", 4), out_channels=cfg.get("out_channels", 4),
+                   block_out_channels=tuple(cfg.get("block_out_channels", (320, 640, 1280, 1280))),
+                   attention_levels=levels, layers_per_block=cfg.get("layers_per_block", 2), heads=heads,
+                   cross_attention_dim=cfg.get("cross_attention_dim", 768),
+                   norm_num_groups=cfg.get("norm_num_groups", 32), sample_size=cfg.get("sample_size", 64))
+
+    def to_diffusers(self) -> dict:
+        return {"_class_name": "UNet2DConditionModel", "in_channels": self.in_channels,
+                "out_channels": self.out_channels, "block_out_channels": list(self.block_out_channels),
+                "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in self.attention_levels],
+                "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in self.attention_levels[::-1]],
+                "layers_per_block": self.layers_per_block, "attention_head_dim": self.heads,
+                "cross_attention_dim": self.cross_attention_dim, "norm_num_groups": self.norm_num_groups,
+                "sample_size": self.sample_size, "act_fn": "silu", "center_input_sample": False,
+                "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "mid_block_scale_factor": 1,
+                "norm_eps": 1e-5, "use_linear_projection": False}
+
+
+UNET_PRESETS = {
+    "sd15": UNetConfig(),
+    # SD1.5's structure (4 levels, 16 cross-attention layers) at toy width, for tests and the demo.
+    "tiny": UNetConfig(block_out_channels=(32, 64, 64, 64), heads=2, cross_attention_dim=32,
+                       norm_num_groups=8, sample_size=16),
+}
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding, cos first (diffusers flip_sin_to_cos=True, shift 0). t [B] -> [B, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, cin: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(cin, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class ResnetBlock2D(nn.Module):
+    """GroupNorm-SiLU-conv twice with the timestep added in between (LDM ``ResBlock``)."""
+
+    def __init__(self, cin: int, cout: int, temb: int | None, groups: int, eps: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb, cout) if temb else None
+        self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x, temb=None):
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class Attention(nn.Module):
+    """Multi-head attention with diffusers' names (to_q/to_k/to_v/to_out.0).
+
+    x [B, N, C], context [B, L, Cc] (None for self-attention) -> [B, N, C].
+    """
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, backend: str = "sdpa"):
+        super().__init__()
+        self.heads = heads
+        self.backend = check_backend(backend)
+        self.layer_index = -1  # set by UNet for cross-/self-attention pairs (method.md §1)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])  # index kept for key names
+
+    def forward(self, x, context=None):
+        ctx = x if context is None else context
+        q, k, v = (split_heads(p, self.heads) for p in (self.to_q(x), self.to_k(ctx), self.to_v(ctx)))
+        return self.to_out[0](merge_heads(attention(q, k, v, backend=self.backend)))
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x):
+        h, gate = self.proj(x).chunk(2, dim=-1)
+        return h * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.net = nn.ModuleList([GEGLU(dim, dim * 4), nn.Dropout(0.0), nn.Linear(dim * 4, dim)])
+
+    def forward(self, x):
+        return self.net[2](self.net[0](x))
+
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, context_dim: int, backend: str):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, None, backend)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, context_dim, backend)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x, context, regions=None):
+        if regions is None:
+            x = x + self.attn1(self.norm1(x))
+            x = x + self.attn2(self.norm2(x), context)
+        else:  # LoRA-Composer: isolation in attn1, region-aware injection in attn2 (method.md §4, §5)
+            x = x + regions.self_attention(self.attn1, self.norm1(x))
+            x = x + regions.cross_attention(self.attn2, self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2DModel(nn.Module):
+    """GroupNorm, 1×1 conv in, one transformer block, 1×1 conv out, residual (SD1 ``SpatialTransformer``)."""
+
+    def __init__(self, ch: int, heads: int, context_dim: int, groups: int, backend: str):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
+        self.proj_in = nn.Conv2d(ch, ch, 1)
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(ch, heads, context_dim, backend)])
+        self.proj_out = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x, context, regions=None):
+        b, c, h, w = x.shape
+        hs = self.proj_in(self.norm(x)).permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, C, h, w) -> (B, hw, C)
+        block = self.transformer_blocks[0]
+        ctx = context[block.attn2.layer_index] if isinstance(context, (list, tuple)) else context
+        hs = block(hs, ctx, regions)
+        hs = hs.reshape(b, h, w, c).permute(0, 3, 1, 2)
+        return self.proj_out(hs) + x
+
+
+class Downsample2D(nn.Module):
+    def __init__(self, ch: int, padding: int = 1):
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=padding)
+
+    def forward(self, x):
+        if self.padding == 0:  # the VAE pads right/bottom only
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x, size=None):
+        dtype = x.dtype
+        if dtype == torch.bfloat16:  # nearest upsampling has no bf16 kernel on some torch builds
+            x = x.float()
+        x = F.interpolate(x, size=size, scale_factor=None if size else 2.0, mode="nearest")
+        return self.conv(x.to(dtype))
+
+
+class Block(nn.Module):
+    """A down or up level: resnets, optional transformers, optional resampler (diffusers' block classes)."""
+
+    def __init__(self, resnets, attentions, sampler_name: str | None, sampler: nn.Module | None):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        if attentions:
+            self.attentions = nn.ModuleList(attentions)
+        if sampler is not None:
+            setattr(self, sampler_name, nn.ModuleList([sampler]))
+
+    @property
+    def has_attention(self):
+        return hasattr(self, "attentions")
+
+
+class MidBlock(nn.Module):
+    def __init__(self, ch, temb, heads, context_dim, groups, backend):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, temb, groups, 1e-5) for _ in range(2)])
+        self.attentions = nn.ModuleList([Transformer2DModel(ch, heads, context_dim, groups, backend)])
+
+    def forward(self, x, temb, context, regions=None):
+        x = self.resnets[0](x, temb)
+        x = self.attentions[0](x, context, regions)
+        return self.resnets[1](x, temb)
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig = UNetConfig(), backend: str = "sdpa"):
+        super().__init__()
+        self.cfg = cfg
+        ch, g, temb, heads, cdim = cfg.block_out_channels, cfg.norm_num_groups, cfg.time_embed_dim, cfg.heads, cfg.cross_attention_dim
+        n = len(ch)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(ch[0], temb)
+
+        def tf(c):
+            return Transformer2DModel(c, heads, cdim, g, backend)
+
+        self.down_blocks = nn.ModuleList()
+        cout = ch[0]
+        for i in range(n):
+            cin, cout = cout, ch[i]
+            res = [ResnetBlock2D(cin if j == 0 else cout, cout, temb, g, 1e-5) for j in range(cfg.layers_per_block)]
+            att = [tf(cout) for _ in range(cfg.layers_per_block)] if cfg.attention_levels[i] else None
+            down = Downsample2D(cout) if i < n - 1 else None
+            self.down_blocks.append(Block(res, att, "downsamplers", down))
+        self.mid_block = MidBlock(ch[-1], temb, heads, cdim, g, backend)
+
+        self.up_blocks = nn.ModuleList()
+        rch, rattn = ch[::-1], cfg.attention_levels[::-1]
+        cout = rch[0]
+        for i in range(n):
+            prev, cout, skip_in = cout, rch[i], rch[min(i + 1, n - 1)]
+            m = cfg.layers_per_block + 1
+            res = [ResnetBlock2D((prev if j == 0 else cout) + (skip_in if j == m - 1 else cout), cout, temb, g, 1e-5)
+                   for j in range(m)]
+            att = [tf(cout) for _ in range(m)] if rattn[i] else None
+            up = Upsample2D(cout) if i < n - 1 else None
+            self.up_blocks.append(Block(res, att, "upsamplers", up))
+        self.conv_norm_out = nn.GroupNorm(g, ch[0], eps=1e-5)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        for l, blk in enumerate(self.transformer_blocks()):
+            blk.attn1.layer_index = blk.attn2.layer_index = l
+
+    def transformer_blocks(self):
+        """The BasicTransformerBlocks in forward order: index = cross-attention layer l (method.md §1)."""
+        tfs = [a for b in self.down_blocks if b.has_attention for a in b.attentions]
+        tfs += list(self.mid_block.attentions)
+        tfs += [a for b in self.up_blocks if b.has_attention for a in b.attentions]
+        return [t.transformer_blocks[0] for t in tfs]
+
+    def set_attention_backend(self, backend: str):
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.backend = check_backend(backend)
+
+    def forward(self, x, t, context, regions=None, stop_after_layer: int | None = None):
+        """x [B, 4, h, w], t scalar or [B], context [B, 77, C] or a list of 16 such (one per layer l).
+
+        ``regions`` carries the LoRA-Composer attention state (composer/regions.py); ``stop_after_layer``
+        ends the pass once that transformer layer has run (the loss pass needs nothing later, method.md §15).
+        """
+        t = torch.as_tensor(t, device=x.device)
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        temb = self.time_embedding(timestep_embedding(t, self.cfg.block_out_channels[0]).to(x.dtype))
+
+        h = self.conv_in(x)
+        skips = [h]
+        for b in self.down_blocks:
+            for j, r in enumerate(b.resnets):
+                h = r(h, temb)
+                if b.has_attention:
+                    h = b.attentions[j](h, context, regions)
+                    if stop_after_layer is not None and b.attentions[j].transformer_blocks[0].attn2.layer_index >= stop_after_layer:
+                        return None
+                skips.append(h)
+            if hasattr(b, "downsamplers"):
+                h = b.downsamplers[0](h)
+                skips.append(h)
+        h = self.mid_block(h, temb, context, regions)
+        for b in self.up_blocks:
+            for j, r in enumerate(b.resnets):
+                h = r(torch.cat([h, skips.pop()], dim=1), temb)
+                if b.has_attention:
+                    h = b.attentions[j](h, context, regions)
+                    if stop_after_layer is not None and b.attentions[j].transformer_blocks[0].attn2.layer_index >= stop_after_layer:
+                        return None
+            if hasattr(b, "upsamplers"):
+                h = b.upsamplers[0](h, size=skips[-1].shape[-2:])
+        return self.conv_out(F.silu(self.conv_norm_out(h)))

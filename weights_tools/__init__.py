@@ -1,0 +1,1 @@
+"""Command-line tools for weight files: inspect, convert, make_tiny."""
