@@ -42,7 +42,7 @@ def _stub(module: str, name: str):
 
 
 _PICKLE_STUBS = [_stub("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint")]
-_ZIP_MEMBER = re.compile(r"[^/]+/(data\.pkl|version|\.format_version|\.storage_alignment|byteorder|data/\d+|serialization_id)")
+_ZIP_MEMBER = re.compile(r"[^/]+/(data\.pkl|version|\.format_version|\.storage_alignment|byteorder|data/\d+|\.data/[\w.]+)")
 
 
 def load_pickle(path: str) -> dict:
@@ -78,11 +78,23 @@ def load_safetensors(path: str, device: str = "cpu") -> tuple[dict, dict]:
         raise CheckpointError(f"{path}: {size} bytes, too short to be a .safetensors file (truncated or empty)")
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        first = f.read(1)
-    if n > 100_000_000 or first not in (b"{", b" "):
+        if n > 100_000_000 or n + 8 > size:
+            first = b""
+        else:
+            header = f.read(n)
+            first = header.lstrip(b" ")[:1]
+    if n > 100_000_000 or (first != b"{" and n + 8 <= size):
         raise CheckpointError(f"{path}: not a safetensors file (bad header; a pickle or zip renamed to .safetensors?)")
     if n + 8 > size:
         raise CheckpointError(f"{path}: truncated or corrupt download (header says {n} bytes, file has {size})")
+    try:
+        entries = json.loads(header)
+        end = max((v["data_offsets"][1] for k, v in entries.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path}: truncated or corrupt download (tensor data ends at byte {8 + n + end}, "
+                              f"file has {size})")
     try:
         out = {}
         with safe_open(path, framework="pt", device=device) as f:

@@ -185,6 +185,7 @@ def load(path, *, dtype=torch.float32, device="cpu", tokenizer=None, attention: 
          vae_dtype=torch.float32):
     """Load an SD1.x model: a diffusers folder or a single ``.safetensors``/``.ckpt`` file.
 
+    ``dtype=None`` keeps each tensor's stored dtype (for conversions).
     ``tokenizer``: tokenizer files (a folder, tokenizer.json or the BPE .txt.gz); a diffusers folder's own
     ``tokenizer/`` is used when not given. ``vae_dtype`` defaults to fp32 (fp16 VAEs overflow, formats.md §7).
     """
@@ -204,6 +205,6 @@ def load(path, *, dtype=torch.float32, device="cpu", tokenizer=None, attention: 
         raise ValueError(f"{path}: a single-file checkpoint carries no tokenizer; pass tokenizer=PATH "
                          "(a diffusers tokenizer/ folder, a tokenizer.json, or bpe_simple_vocab_16e6.txt.gz)")
     tok = CLIPTokenizer.from_file(tok_src)
-    vae = models["vae"].to(dtype=vae_dtype)
+    vae = models["vae"] if vae_dtype is None else models["vae"].to(dtype=vae_dtype)
     return Pipeline(models["unet"].eval(), models["text_encoder"].eval(), vae.eval(), tok, scfg,
                     dtype=dtype, device=torch.device(device))

@@ -56,11 +56,15 @@ class SchedulerConfig:
         return torch.cumprod(1.0 - torch.from_numpy(betas), dim=0).double().numpy()
 
 
-def timesteps(cfg: SchedulerConfig, steps: int, spacing: str) -> np.ndarray:
-    """Descending integer timesteps for ``steps`` denoising steps (diffusers' spacing rules)."""
+def timesteps(cfg: SchedulerConfig, steps: int, spacing: str, multistep: bool = False) -> np.ndarray:
+    """Descending integer timesteps for ``steps`` denoising steps (diffusers' spacing rules; the multistep
+    DPM scheduler's "leading" divides by steps + 1)."""
     T = cfg.num_train_timesteps
     if steps < 1 or steps > T:
         raise ValueError(f"steps must be in 1..{T}, got {steps}")
+    if spacing == "leading" and multistep:
+        ratio = T // (steps + 1)
+        return (np.arange(0, steps + 1) * ratio).round()[::-1][:-1].astype(np.int64) + cfg.steps_offset
     if spacing == "leading":
         ratio = T // steps
         return (np.arange(0, steps) * ratio).round()[::-1].astype(np.int64) + cfg.steps_offset
@@ -108,7 +112,7 @@ class DPMSolverPP2M:
         self.cfg, self.final = cfg, final
         ac = cfg.alphas_cumprod()
         spacing = "linspace" if final == "official" else (cfg.timestep_spacing or "linspace")
-        self.timesteps = timesteps(cfg, steps, spacing)
+        self.timesteps = timesteps(cfg, steps, spacing, multistep=True)
         if final == "official":  # diffusers 0.14: (α, σ) read off ᾱ at each t, and the last target is t = 0
             a = np.concatenate([ac[self.timesteps], ac[:1]])
             self.alpha, self.sigma = np.sqrt(a), np.sqrt(1 - a)

@@ -1,0 +1,51 @@
+"""Shared benchmark helpers: timing medians, peak memory, machine description, results files."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def machine() -> dict:
+    d = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+         "threads": torch.get_num_threads(), "cores": os.cpu_count()}
+    if torch.cuda.is_available():
+        d["gpu"] = torch.cuda.get_device_name()
+    try:
+        import triton
+        d["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return d
+
+
+def median_time(fn, runs: int = 5, warmup: int = 1) -> tuple[float, list]:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(runs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts), ts
+
+
+def write_result(name: str, data: dict):
+    out_dir = os.environ.get("OUT") or RESULTS
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"machine": machine(), "date": time.strftime("%Y-%m-%d"), **data}, f, indent=2)
+    os.replace(tmp, path)
+    print(f"wrote {path}")
