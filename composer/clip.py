@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .layers import Conv2d, Linear
 from .attention import attention, check_backend, merge_heads, split_heads
 
 
@@ -54,22 +55,22 @@ class CLIPAttention(nn.Module):
     def __init__(self, dim: int, heads: int, backend: str):
         super().__init__()
         self.heads, self.backend = heads, check_backend(backend)
-        self.q_proj, self.k_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
-        self.v_proj, self.out_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.q_proj, self.k_proj = Linear(dim, dim), Linear(dim, dim)
+        self.v_proj, self.out_proj = Linear(dim, dim), Linear(dim, dim)
 
-    def forward(self, x):  # x [B, 77, C], causal self-attention
-        q, k, v = (split_heads(p(x), self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))
-        return self.out_proj(merge_heads(attention(q, k, v, backend=self.backend, causal=True)))
+    def forward(self, x, adapter=None):  # x [B, 77, C], causal self-attention
+        q, k, v = (split_heads(p(x, adapter), self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))
+        return self.out_proj(merge_heads(attention(q, k, v, backend=self.backend, causal=True)), adapter)
 
 
 class CLIPMLP(nn.Module):
     def __init__(self, dim: int, inner: int):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, inner), nn.Linear(inner, dim)
+        self.fc1, self.fc2 = Linear(dim, inner), Linear(inner, dim)
 
-    def forward(self, x):
-        h = self.fc1(x)
-        return self.fc2(h * torch.sigmoid(1.702 * h))  # quick_gelu
+    def forward(self, x, adapter=None):
+        h = self.fc1(x, adapter)
+        return self.fc2(h * torch.sigmoid(1.702 * h), adapter)  # quick_gelu
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -80,9 +81,9 @@ class CLIPEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = CLIPMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x):
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
+    def forward(self, x, adapter=None):
+        x = x + self.self_attn(self.layer_norm1(x), adapter)
+        return x + self.mlp(self.layer_norm2(x), adapter)
 
 
 class CLIPEmbeddings(nn.Module):
@@ -117,7 +118,7 @@ class CLIPTextModel(nn.Module):
         return self.text_model.embeddings.token_embedding(ids)
 
     def forward(self, ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
-                clip_skip: int = 0) -> torch.Tensor:
+                clip_skip: int = 0, adapter=None) -> torch.Tensor:
         """ids [B, 77] (or token embeddings [B, 77, C]) -> [B, 77, C] after the final LayerNorm.
 
         ``clip_skip=k`` takes the hidden state k layers before the last (diffusers' convention; A1111's
@@ -129,5 +130,5 @@ class CLIPTextModel(nn.Module):
         x = x + tm.embeddings.position_embedding.weight[:n].to(x.dtype)
         layers = tm.encoder.layers
         for layer in layers[: len(layers) - clip_skip]:
-            x = layer(x)
+            x = layer(x, adapter)
         return tm.final_layer_norm(x)

@@ -8,6 +8,7 @@ and every step's latent is checked for NaN/Inf (formats.md §7).
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,22 +58,102 @@ class Pipeline:
         self.dtype, self.device = dtype, torch.device(device)
         for m in (unet, text_encoder, vae):
             m.requires_grad_(False)
+        from .lora import LoRASet
+        self.loras = LoRASet()
+        self.base_vocab = text_encoder.cfg.vocab_size
+
+    # --- LoRAs ------------------------------------------------------------------------------------------------
+
+    def _layers(self):
+        from .layers import lora_layers
+        return {**{("unet", p): l for p, l in lora_layers(self.unet).items()},
+                **{("text_encoder", p): l for p, l in lora_layers(self.text_encoder).items()}}
+
+    def load_lora(self, path, scale: float = 1.0, name: str | None = None, *, mode: str = "merge",
+                  strict: bool = True):
+        """Load a LoRA of any supported format (composer/lora.py).
+
+        mode ``"merge"``: W ← W + scale·ΔW in fp32 (``unload_lora`` restores W bit-exactly);
+        ``"live"``: base weights untouched, the adapter runs in every forward;
+        ``"region"``: attached but only used where a call selects it (LoRA-Composer's per-region concepts).
+        ED-LoRA pseudo-words become usable in prompts. Returns the canonical LoRA (``.report()``).
+        """
+        from .checkpoint import CheckpointError
+        from .lora import read_lora, resolve, target_table
+        if mode not in ("merge", "live", "region"):
+            raise ValueError(f"mode must be 'merge', 'live' or 'region', got {mode!r}")
+        import os
+        name = name or os.path.splitext(os.path.basename(str(path)))[0]
+        if name in self.loras.loras:
+            raise ValueError(f"a LoRA named {name!r} is already loaded; pass name=... or unload it first")
+        raw = read_lora(path)
+        lora = resolve(raw, target_table(self.unet, self.text_encoder), multiplier=scale, strict=strict)
+        n_layers = len(self.unet.transformer_blocks())
+        for word, emb in lora.embeddings.items():
+            if word in self.loras.concepts:
+                raise CheckpointError(f"{path}: pseudo-word {word!r} is already defined by LoRA "
+                                      f"{self.loras.concepts[word][0]!r}")
+            if tuple(emb.shape) != (n_layers, self.text_encoder.cfg.hidden_size):
+                raise CheckpointError(f"{path}: embedding of {word!r} has shape {tuple(emb.shape)}, the model needs "
+                                      f"({n_layers}, {self.text_encoder.cfg.hidden_size}) (one row per cross-attention layer)")
+        layers = self._layers()
+        if mode == "merge":
+            self.loras.merge(name, lora, layers)
+        else:
+            self.loras.attach(name, lora, layers, activate=(mode == "live"))
+        self.loras.loras[name] = lora
+        if lora.embeddings:
+            self.tokenizer.add_tokens(list(lora.embeddings))
+            for word, emb in lora.embeddings.items():
+                self.loras.concepts[word] = (name, emb.to(self.device, self.dtype))
+        log.info("loaded %s", lora.report())
+        return lora
+
+    def unload_lora(self, name: str):
+        if name not in self.loras.loras:
+            raise KeyError(f"no LoRA named {name!r} is loaded (loaded: {sorted(self.loras.loras)})")
+        self.loras.remove(name)
 
     # --- building blocks --------------------------------------------------------------------------------
 
+    def check_pseudo_words(self, prompts):
+        for p in prompts:
+            for w in re.findall(r"<[^<>\s]+>", p):
+                if w not in self.loras.concepts and w not in ("<|startoftext|>", "<|endoftext|>"):
+                    raise ValueError(f"prompt {p!r} names pseudo-word {w} that no loaded LoRA defines "
+                                     f"(loaded: {sorted(self.loras.concepts) or 'none'})")
+
     @torch.no_grad()
-    def encode_prompt(self, prompts) -> torch.Tensor:
-        """list of prompts -> context [B, 77, C] in the model dtype."""
+    def encode_prompt(self, prompts, adapter=None) -> torch.Tensor:
+        """list of prompts -> context [B, 77, C], or [L, B, 77, C] (one per cross-attention layer) when a prompt
+        uses ED-LoRA pseudo-words: encoding l substitutes row l of each pseudo-word's embedding (method.md §3);
+        the L passes run as one batch. ``adapter`` selects a live/region LoRA of the text encoder."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        self.check_pseudo_words(prompts)
         ids = self.tokenizer(prompts).to(self.device)
-        return self.text_encoder(ids)
+        pseudo = ids >= self.base_vocab
+        if not pseudo.any():
+            return self.text_encoder(ids, adapter=adapter)
+        L = len(self.unet.transformer_blocks())
+        emb = self.text_encoder.embed(ids.clamp(max=self.base_vocab - 1))  # [B, 77, C]
+        table = torch.stack([self.loras.concepts[self.tokenizer.tok.id_to_token(i)][1]
+                             for i in range(self.base_vocab, len(self.tokenizer))])  # [n_words, L, C]
+        b, n, c = emb.shape
+        embs = emb[None].repeat(L, 1, 1, 1)  # [L, B, 77, C]
+        rows = table[ids[pseudo] - self.base_vocab]  # [P, L, C]
+        embs[:, pseudo] = rows.transpose(0, 1).to(embs.dtype)
+        out = self.text_encoder(inputs_embeds=embs.reshape(L * b, n, c), adapter=adapter)
+        return out.reshape(L, b, n, -1)
 
     def initial_latent(self, seed: int, height: int, width: int) -> torch.Tensor:
         g = torch.Generator("cpu").manual_seed(int(seed))
         return torch.randn((1, 4, height // 8, width // 8), generator=g, dtype=torch.float32).to(self.device), g
 
     def eps(self, x, t, context, guidance, **unet_kw):
-        """One CFG evaluation: context is [uncond; cond] (2B) when guidance > 1, else cond only."""
-        if context.shape[0] == 2 * x.shape[0]:
+        """One CFG evaluation: context is [uncond; cond] (2B) when guidance > 1, else cond only.
+        context is [N, 77, C] or per layer [L, N, 77, C]."""
+        if context.shape[-3] == 2 * x.shape[0]:
             e = self.unet(torch.cat([x, x]).to(self.dtype), t, context, **unet_kw).float()
             u, c = e.chunk(2)
             return u + guidance * (c - u)

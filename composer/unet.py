@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .layers import Conv2d, Linear
 from .attention import attention, check_backend, merge_heads, split_heads
 
 
@@ -101,8 +102,8 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 class TimestepEmbedding(nn.Module):
     def __init__(self, cin: int, dim: int):
         super().__init__()
-        self.linear_1 = nn.Linear(cin, dim)
-        self.linear_2 = nn.Linear(dim, dim)
+        self.linear_1 = Linear(cin, dim)
+        self.linear_2 = Linear(dim, dim)
 
     def forward(self, x):
         return self.linear_2(F.silu(self.linear_1(x)))
@@ -114,11 +115,11 @@ class ResnetBlock2D(nn.Module):
     def __init__(self, cin: int, cout: int, temb: int | None, groups: int, eps: float):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.time_emb_proj = nn.Linear(temb, cout) if temb else None
+        self.conv1 = Conv2d(cin, cout, 3, padding=1)
+        self.time_emb_proj = Linear(temb, cout) if temb else None
         self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+        self.conv2 = Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = Conv2d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x, temb=None):
         h = self.conv1(F.silu(self.norm1(x)))
@@ -139,10 +140,10 @@ class Attention(nn.Module):
         self.heads = heads
         self.backend = check_backend(backend)
         self.layer_index = -1  # set by UNet for cross-/self-attention pairs (method.md §1)
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
-        self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
-        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])  # index kept for key names
+        self.to_q = Linear(dim, dim, bias=False)
+        self.to_k = Linear(context_dim or dim, dim, bias=False)
+        self.to_v = Linear(context_dim or dim, dim, bias=False)
+        self.to_out = nn.ModuleList([Linear(dim, dim), nn.Dropout(0.0)])  # index kept for key names
 
     def forward(self, x, context=None):
         ctx = x if context is None else context
@@ -153,7 +154,7 @@ class Attention(nn.Module):
 class GEGLU(nn.Module):
     def __init__(self, dim: int, inner: int):
         super().__init__()
-        self.proj = nn.Linear(dim, inner * 2)
+        self.proj = Linear(dim, inner * 2)
 
     def forward(self, x):
         h, gate = self.proj(x).chunk(2, dim=-1)
@@ -163,7 +164,7 @@ class GEGLU(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
-        self.net = nn.ModuleList([GEGLU(dim, dim * 4), nn.Dropout(0.0), nn.Linear(dim * 4, dim)])
+        self.net = nn.ModuleList([GEGLU(dim, dim * 4), nn.Dropout(0.0), Linear(dim * 4, dim)])
 
     def forward(self, x):
         return self.net[2](self.net[0](x))
@@ -195,15 +196,16 @@ class Transformer2DModel(nn.Module):
     def __init__(self, ch: int, heads: int, context_dim: int, groups: int, backend: str):
         super().__init__()
         self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
-        self.proj_in = nn.Conv2d(ch, ch, 1)
+        self.proj_in = Conv2d(ch, ch, 1)
         self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(ch, heads, context_dim, backend)])
-        self.proj_out = nn.Conv2d(ch, ch, 1)
+        self.proj_out = Conv2d(ch, ch, 1)
 
     def forward(self, x, context, regions=None):
         b, c, h, w = x.shape
         hs = self.proj_in(self.norm(x)).permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, C, h, w) -> (B, hw, C)
         block = self.transformer_blocks[0]
-        ctx = context[block.attn2.layer_index] if isinstance(context, (list, tuple)) else context
+        # per-layer contexts [L, B, 77, C] (ED-LoRA layer-wise embeddings) pick this layer's row
+        ctx = context[block.attn2.layer_index] if isinstance(context, (list, tuple)) or context.ndim == 4 else context
         hs = block(hs, ctx, regions)
         hs = hs.reshape(b, h, w, c).permute(0, 3, 1, 2)
         return self.proj_out(hs) + x
@@ -213,7 +215,7 @@ class Downsample2D(nn.Module):
     def __init__(self, ch: int, padding: int = 1):
         super().__init__()
         self.padding = padding
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=padding)
+        self.conv = Conv2d(ch, ch, 3, stride=2, padding=padding)
 
     def forward(self, x):
         if self.padding == 0:  # the VAE pads right/bottom only
@@ -224,7 +226,7 @@ class Downsample2D(nn.Module):
 class Upsample2D(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv = Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x, size=None):
         dtype = x.dtype
@@ -268,7 +270,7 @@ class UNet(nn.Module):
         self.cfg = cfg
         ch, g, temb, heads, cdim = cfg.block_out_channels, cfg.norm_num_groups, cfg.time_embed_dim, cfg.heads, cfg.cross_attention_dim
         n = len(ch)
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb)
 
         def tf(c):
@@ -296,7 +298,7 @@ class UNet(nn.Module):
             up = Upsample2D(cout) if i < n - 1 else None
             self.up_blocks.append(Block(res, att, "upsamplers", up))
         self.conv_norm_out = nn.GroupNorm(g, ch[0], eps=1e-5)
-        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch[0], cfg.out_channels, 3, padding=1)
         for l, blk in enumerate(self.transformer_blocks()):
             blk.attn1.layer_index = blk.attn2.layer_index = l
 
@@ -313,7 +315,7 @@ class UNet(nn.Module):
                 m.backend = check_backend(backend)
 
     def forward(self, x, t, context, regions=None, stop_after_layer: int | None = None):
-        """x [B, 4, h, w], t scalar or [B], context [B, 77, C] or a list of 16 such (one per layer l).
+        """x [B, 4, h, w], t scalar or [B], context [B, 77, C] or per layer [16, B, 77, C] (one per layer l).
 
         ``regions`` carries the LoRA-Composer attention state (composer/regions.py); ``stop_after_layer``
         ends the pass once that transformer layer has run (the loss pass needs nothing later, method.md §15).

@@ -1,0 +1,81 @@
+"""Linear and Conv2d that can carry live LoRA adapters (composer/lora.py), keeping nn's parameter names.
+
+A layer computes ``x Wᵀ + b + Σ_a s_a · (x downᵀ) upᵀ`` over the adapters selected for the call: the
+globally active ones (``active``), or exactly the ones passed as ``adapter=`` (a name or a tuple of names),
+which is how region-aware injection runs one concept's K/V/out projection per region (method.md §4).
+The base weight stays untouched and shared; an adapter costs only its low-rank factors. The scale is
+folded into ``up`` when the adapter is added.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Adapter:
+    down: torch.Tensor         # [r, in] (conv: [r, in, kh, kw]; or [r, in, 1, 1] with mid)
+    up: torch.Tensor           # [out, r] (conv: [out, r, 1, 1]), scale folded in
+    mid: torch.Tensor | None = None   # LoCon Tucker core [r, r, kh, kw]
+    dense: torch.Tensor | None = None  # a full ΔW (LoHa/LoKr), scale folded in
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.down, self.up, self.mid, self.dense) if t is not None)
+
+
+class _AdapterMixin:
+    def _init_adapters(self):
+        self.adapters: dict[str, Adapter] = {}
+        self.active: tuple = ()
+
+    def _selected(self, adapter):
+        if adapter is None:
+            return self.active
+        return (adapter,) if isinstance(adapter, str) else adapter
+
+
+class Linear(nn.Linear, _AdapterMixin):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self._init_adapters()
+
+    def forward(self, x, adapter=None):
+        y = F.linear(x, self.weight, self.bias)
+        for name in self._selected(adapter):
+            a = self.adapters.get(name)
+            if a is None:
+                continue
+            if a.dense is not None:
+                y = y + F.linear(x, a.dense)
+            else:
+                y = y + F.linear(F.linear(x, a.down), a.up)
+        return y
+
+
+class Conv2d(nn.Conv2d, _AdapterMixin):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self._init_adapters()
+
+    def forward(self, x, adapter=None):
+        y = self._conv_forward(x, self.weight, self.bias)
+        for name in self._selected(adapter):
+            a = self.adapters.get(name)
+            if a is None:
+                continue
+            if a.dense is not None:
+                y = y + self._conv_forward(x, a.dense, None)
+            elif a.mid is not None:  # 1×1 down, k×k core (carries stride/padding), 1×1 up
+                h = F.conv2d(x, a.down)
+                y = y + F.conv2d(self._conv_forward(h, a.mid, None), a.up)
+            else:  # k×k down (carries stride/padding), 1×1 up
+                y = y + F.conv2d(self._conv_forward(x, a.down, None), a.up)
+        return y
+
+
+def lora_layers(model: nn.Module):
+    """{module path: layer} for every adapter-capable layer."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (Linear, Conv2d))}
