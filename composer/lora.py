@@ -98,6 +98,9 @@ class LoRA:
 
 def detect_lora_format(sd: dict) -> str | None:
     keys = list(sd)
+    if any(k.startswith("params.new_concept_embedding.") or k.startswith(("params.unet.", "params.text_encoder."))
+           for k in keys):
+        return "edlora"
     if any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys):
         return "kohya-sdxl"
     if any(re.search(r"\.(hada_|lokr_)", k) for k in keys):
@@ -108,8 +111,6 @@ def detect_lora_format(sd: dict) -> str | None:
         return "peft"
     if any(re.search(r"(_lora\.(down|up)\.weight|\.processor\.|lora_linear_layer)", k) for k in keys):
         return "diffusers-old"
-    if any(k.startswith("params.") for k in keys):
-        return "edlora"
     return None
 
 
@@ -281,8 +282,10 @@ def _lycoris_delta(roles: dict, wshape: tuple, alpha):
     return d * scale, r or 0, scale
 
 
-def resolve(raw: RawLoRA, table: dict, *, multiplier: float = 1.0, strict: bool = True) -> LoRA:
-    """Match grouped modules to layers, check shapes, compute scales; -> canonical LoRA (fp32 factors)."""
+def resolve(raw: RawLoRA, table: dict, *, multiplier: float = 1.0, strict: bool = True,
+            check_shapes: bool = True) -> LoRA:
+    """Match grouped modules to layers, check shapes, compute scales; -> canonical LoRA (fp32 factors).
+    ``check_shapes=False`` only renames (format conversion against SD1.5's module table)."""
     modules, unmatched = [], []
     for (ns, name), roles in raw.modules.items():
         hit = table.get((ns, name))
@@ -298,6 +301,8 @@ def resolve(raw: RawLoRA, table: dict, *, multiplier: float = 1.0, strict: bool 
         alpha = float(alpha) if alpha is not None else None
         src = f"{name} ({raw.path})"
         if any(k.startswith(("hada_", "lokr_")) for k in roles):
+            if not check_shapes:
+                raise CheckpointError(f"{raw.path}: {name} is LoHa/LoKr; only plain LoRA/LoCon convert")
             d, rank, scale = _lycoris_delta(roles, tuple(w.shape), alpha)
             modules.append(LoRAModule(model, path, name, Adapter(None, None, dense=d * multiplier), rank, scale))
             continue
@@ -315,8 +320,11 @@ def resolve(raw: RawLoRA, table: dict, *, multiplier: float = 1.0, strict: bool 
         else:
             want_d, want_m, want_u = ((rank, w.shape[1], *k) if conv else (rank, w.shape[1])), None, \
                                      ((w.shape[0], rank, 1, 1) if conv else (w.shape[0], rank))
-        d2, u2 = _fit(down, want_d), _fit(up, want_u)
-        m2 = _fit(mid, want_m) if mid is not None else None
+        if check_shapes:
+            d2, u2 = _fit(down, want_d), _fit(up, want_u)
+            m2 = _fit(mid, want_m) if mid is not None else None
+        else:
+            d2, u2, m2 = down, up, mid
         if d2 is None or u2 is None or (mid is not None and m2 is None):
             bad, got, want = (("down", down, want_d) if d2 is None else ("up", up, want_u) if u2 is None else ("mid", mid, want_m))
             raise CheckpointError(f"{raw.path}: shape mismatch at {name!r}.{bad}: file {tuple(got.shape)} vs model "
@@ -449,7 +457,7 @@ def convert_lora_cli(kind: str, src: str, dst: str):
                 "tokens": json.dumps(sorted(raw.embeddings))}
         _atomic_save(out, dst, meta)
         return
-    lora = resolve(raw, _sd15_table())
+    lora = resolve(raw, _sd15_table(), check_shapes=False)
     out = {}
     for m in lora.modules:
         a = m.adapter

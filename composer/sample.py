@@ -39,9 +39,22 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--attention", default="sdpa", choices=["sdpa", "math"])
+    ap.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                    help="a LoRA to merge (kohya, PEFT/diffusers or ED-LoRA); repeatable; scale defaults to 1.0")
     ap.add_argument("--out", default="out.png")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap
+
+
+def parse_lora_arg(arg: str) -> tuple[str, float]:
+    """'path/to/x.safetensors:0.8' -> (path, 0.8); a suffix that is not a number is part of the path."""
+    path, sep, tail = arg.rpartition(":")
+    if sep:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return arg, 1.0
 
 
 def embedded_pipeline(device="cpu", dtype=torch.float32, attention="sdpa"):
@@ -89,17 +102,21 @@ def main(argv=None) -> int:
         a.steps, a.height, a.width = a.steps or 8, a.height or 64, a.width or 64
     else:
         pipe = load(a.model, dtype=dtype, device=a.device, tokenizer=a.tokenizer, attention=a.attention)
+    for spec in a.lora:
+        path, scale = parse_lora_arg(spec)
+        print(f"composer: {pipe.load_lora(path, scale).report()} (scale {scale})", file=sys.stderr)
     steps, height, width = a.steps or 50, a.height or 512, a.width or 512
     check_size(height, width)
     params = dict(prompt=a.prompt, negative_prompt=a.negative, height=height, width=width, steps=steps,
                   guidance=a.guidance, seed=a.seed, sampler=a.sampler, eta=a.eta)
+    pipe.check_pseudo_words([a.prompt, a.negative])
     cb, close = progress(steps, a.quiet)
     t0 = time.perf_counter()
     try:
         image = pipe.generate(callback=cb, **params)
     finally:
         close()
-    params.update(model=a.model or "embedded-tiny", dtype=a.dtype, seconds=round(time.perf_counter() - t0, 3))
+    params.update(model=a.model or "embedded-tiny", dtype=a.dtype, loras=a.lora, seconds=round(time.perf_counter() - t0, 3))
     save_png(image, a.out, params)
     print(f"wrote {a.out} ({width}x{height}, {steps} steps, {a.sampler}, seed {a.seed})", file=sys.stderr)
     return 0
