@@ -1,0 +1,229 @@
+"""Kernels against the PyTorch reference, forward and gradients; the mask rule on hand-built cases.
+
+CPU: the Triton kernels run under TRITON_INTERPRET=1 (small shapes). GPU-only tests are marked and skipped
+without CUDA. Tolerances are paired with dtypes; fp16 results must be no worse than 2× PyTorch's own fp16
+error against the fp32 reference (flash-attention's rule).
+"""
+import math
+
+import pytest
+import torch
+
+import kernels as K
+from kernels.reference import allowed_mask, isolation_cost
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+CPU_BACKENDS = ["segmented", "triton"]
+
+
+def regions(n, case):
+    """Bitmask layouts: 1-3 regions, overlaps, an empty region, full coverage (no background)."""
+    r = torch.zeros(n, dtype=torch.int64)
+    if case == "one":
+        r[n // 4: n // 2] = 1
+    elif case == "two-overlap":
+        r[n // 8: n // 2] |= 1
+        r[n // 3: 3 * n // 4] |= 2
+    elif case == "three-empty":  # region 1 is empty at this level
+        r[: n // 5] |= 1
+        r[n // 2: n // 2 + 7] |= 4
+        r[n // 2 + 3: n] |= 8  # bit 3 -> 4 regions, bit 1 unused
+    elif case == "cover":  # boxes cover everything: overlap rows are fully blocked
+        r[: 2 * n // 3] |= 1
+        r[n // 3:] |= 2
+    return r
+
+
+def nslots(r):
+    return int(r.max().item()).bit_length() + 1
+
+
+def ref32(fn, args, r):
+    return fn(*[a.detach().float().requires_grad_() for a in args], r)
+
+
+def check(fn, args, r, backend, dtype, atol):
+    args = [a.to(dtype).detach().requires_grad_() for a in args]
+    out = fn(*args, r, backend=backend)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, args, g)
+    ref_in = [a.detach().float().requires_grad_() for a in args]
+    ref = fn(*ref_in, r, backend="torch")
+    ref_grads = torch.autograd.grad(ref, ref_in, g.float())
+    assert torch.isfinite(out.float()).all()
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.float(), ref, atol=atol, rtol=atol)
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a.float(), b, atol=atol * 10, rtol=atol * 10)
+    else:  # no worse than twice PyTorch's own low-precision error (plus a small floor)
+        pt = fn(*[a.detach() for a in args], r, backend="torch").float()
+        err, pt_err = (out.float() - ref).abs().max().item(), (pt - ref).abs().max().item()
+        assert err <= 2 * pt_err + atol, (err, pt_err)
+        for a, b in zip(grads, ref_grads):
+            assert (a.float() - b).abs().max().item() <= atol * 20 * max(1.0, b.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("d", [40, 80, 160])
+@pytest.mark.parametrize("n,case", [(64, "one"), (77, "two-overlap"), (200, "three-empty"), (77, "cover")])
+def test_self_fp32(backend, d, n, case):
+    b, h = 1, 2
+    q, k, v = (torch.randn(b, h, n, d) for _ in range(3))
+    check(K.isolated_self_attention, (q, k, v), regions(n, case), backend, torch.float32, 2e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("d", [40, 160])
+@pytest.mark.parametrize("n,case", [(77, "two-overlap"), (200, "three-empty")])
+def test_self_fp16(backend, d, n, case):
+    q, k, v = (torch.randn(1, 2, n, d) for _ in range(3))
+    check(K.isolated_self_attention, (q, k, v), regions(n, case), backend, torch.float16, 2e-3)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("d", [40, 80, 160])
+@pytest.mark.parametrize("n,case", [(64, "one"), (77, "two-overlap"), (200, "three-empty"), (77, "cover")])
+def test_cross_fp32(backend, d, n, case):
+    r = regions(n, case)
+    s = nslots(r)
+    q = torch.randn(2, 2, n, d)
+    k, v = torch.randn(2, 2, s, 77, d), torch.randn(2, 2, s, 77, d)
+    check(K.regional_cross_attention, (q, k, v), r, backend, torch.float32, 2e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("d", [40, 160])
+def test_cross_fp16(backend, d):
+    r = regions(77, "two-overlap")
+    q, k, v = torch.randn(1, 2, 77, d), torch.randn(1, 2, 3, 77, d), torch.randn(1, 2, 3, 77, d)
+    check(K.regional_cross_attention, (q, k, v), r, backend, torch.float16, 2e-3)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])
+def test_cross_short_prompt_and_per_batch_regions(backend):
+    """L < 77 keys and different layouts per batch element ([B, N] bitmasks)."""
+    n = 50
+    r = torch.stack([regions(n, "one"), regions(n, "two-overlap")])
+    q, k, v = torch.randn(2, 2, n, 40), torch.randn(2, 2, 3, 20, 40), torch.randn(2, 2, 3, 20, 40)
+    out = K.regional_cross_attention(q, k, v, r, backend=backend)
+    ref = torch.cat([K.regional_cross_attention_ref(q[i:i + 1], k[i:i + 1], v[i:i + 1], r[i]) for i in range(2)])
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_mask_rule_hand_built():
+    # tokens: 0 background, 1 box a, 2 box b, 3 overlap a∩b
+    r = torch.tensor([0, 1, 2, 3])
+    want = torch.tensor([
+        [1, 1, 1, 1],  # background query sees everything
+        [1, 1, 0, 0],  # box a: background and a-only; not b, not the a∩b overlap
+        [1, 0, 1, 0],
+        [1, 0, 0, 0],  # overlap query: background only (not even itself)
+    ]).bool()
+    assert torch.equal(allowed_mask(r, r), want)
+    assert isolation_cost(r, r)[3].tolist() == [0, 1, 1, 2]  # |A||K| − |A∩K|
+    # the official construction: −1e6 for (query in a, key in b), a ≠ b, summed over box pairs
+    boxes = [torch.tensor([0, 1, 0, 1]).bool(), torch.tensor([0, 0, 1, 1]).bool()]
+    bias = torch.zeros(4, 4)
+    for i, a in enumerate(boxes):
+        for j, bb in enumerate(boxes):
+            if i != j:
+                bias[a[:, None] & bb[None, :]] -= 1e6
+    assert torch.equal(bias, isolation_cost(r, r).float() * -1e6)
+
+
+def test_fully_blocked_rows_are_finite_and_follow_min_cost():
+    r = regions(12, "cover")  # no background: overlap rows blocked
+    q, k, v = (torch.randn(1, 1, 12, 16) for _ in range(3))
+    for be in ["torch", "segmented", "triton"]:
+        out = K.isolated_self_attention(q, k, v, r, backend=be)
+        assert torch.isfinite(out).all()
+    ovl = (r == 3).nonzero().flatten()
+    c = isolation_cost(r[ovl], r)
+    keys = (c == c.min(1, keepdim=True).values)  # single-box keys of its own boxes (c = 1)
+    s = (q[0, 0, ovl] @ k[0, 0].T) / 4.0
+    want = torch.softmax(s.masked_fill(~keys, float("-inf")), -1) @ v[0, 0]
+    torch.testing.assert_close(K.isolated_self_attention(q, k, v, r, backend="triton")[0, 0, ovl], want,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_isolation_property_other_box_keys_do_not_matter():
+    n = 77
+    r = regions(n, "two-overlap")
+    q, k, v = (torch.randn(1, 2, n, 40) for _ in range(3))
+    only_a = ((r == 1).nonzero().flatten())
+    only_b = ((r == 2).nonzero().flatten())
+    bg = (r == 0).nonzero().flatten()
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, only_b] += 3.0
+    v2[:, :, only_b] -= 2.0
+    for be in ["torch", "segmented", "triton"]:
+        o1 = K.isolated_self_attention(q, k, v, r, backend=be)
+        o2 = K.isolated_self_attention(q, k2, v2, r, backend=be)
+        torch.testing.assert_close(o1[:, :, only_a], o2[:, :, only_a], atol=0, rtol=0)
+        assert (o1[:, :, bg] - o2[:, :, bg]).abs().max() > 1e-3  # background still sees box b
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])
+def test_cross_lora_fusion_equals_per_region_to_out(backend):
+    """o, z from the fused call give exactly mean_{r∈S} (W + up_r down_r)(a_r) + bias."""
+    n, h, d, rank = 77, 2, 40, 4
+    r = regions(n, "two-overlap")
+    q, k, v = torch.randn(1, h, n, d), torch.randn(1, h, 3, 77, d), torch.randn(1, h, 3, 77, d)
+    W, bias = torch.randn(h * d, h * d) * 0.1, torch.randn(h * d)
+    down, up = torch.randn(2, rank, h * d) * 0.3, torch.randn(2, h * d, rank) * 0.3
+    o, z = K.regional_cross_attention_lora(q, k, v, r, down, backend=backend)
+    merged = o.transpose(1, 2).reshape(1, n, h * d) @ W.T + bias + torch.einsum("bnrk,rck->bnc", z, up)
+    # by hand, per region
+    want = torch.zeros(1, n, h * d)
+    cnt = K.popcount(r).clamp(min=1).float()
+    for s in range(3):
+        a = torch.softmax(q @ k[:, :, s].transpose(-1, -2) / math.sqrt(d), -1) @ v[:, :, s]
+        a = a.transpose(1, 2).reshape(1, n, h * d)
+        if s == 0:
+            want += (a @ W.T + bias) * (r == 0)[None, :, None]
+        else:
+            Wr = W + up[s - 1] @ down[s - 1]
+            want += (a @ Wr.T + bias) * (((r >> (s - 1)) & 1).bool()[None, :, None] / cnt[None, :, None])
+    torch.testing.assert_close(merged, want, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_arguments():
+    q = torch.randn(1, 1, 10, 16)
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        K.isolated_self_attention(q, q, q, torch.zeros(10, dtype=torch.int64), backend="cuda")
+    with pytest.raises(ValueError, match="token_regions has 9 tokens"):
+        K.isolated_self_attention(q, q, q, torch.zeros(9, dtype=torch.int64))
+    with pytest.raises(TypeError, match="int64"):
+        K.isolated_self_attention(q, q, q, torch.zeros(10, dtype=torch.int32))
+    with pytest.raises(ValueError, match="region slots"):
+        K.regional_cross_attention(q, torch.randn(1, 1, 2, 5, 16), torch.randn(1, 1, 2, 5, 16),
+                                   torch.full((10,), 4, dtype=torch.int64), backend="torch")
+
+
+def test_flex_backend_matches_when_available():
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        pytest.skip("no FlexAttention in this torch")
+    r = regions(64, "two-overlap")
+    q, k, v = (torch.randn(1, 2, 64, 32) for _ in range(3))
+    try:
+        out = K.isolated_self_attention(q, k, v, r, backend="flex")
+    except Exception as e:  # flex on CPU needs a compiler on some builds
+        pytest.skip(f"FlexAttention unavailable here: {type(e).__name__}")
+    torch.testing.assert_close(out, K.isolated_self_attention_ref(q, k, v, r), atol=1e-5, rtol=1e-5)
+    kk, vv = torch.randn(1, 2, 3, 77, 32), torch.randn(1, 2, 3, 77, 32)
+    torch.testing.assert_close(K.regional_cross_attention(q, kk, vv, r, backend="flex"),
+                               K.regional_cross_attention_ref(q, kk, vv, r), atol=1e-5, rtol=1e-5)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [40, 80, 160])
+def test_gpu_kernels(dtype, d):
+    n = 1024
+    r = regions(n, "two-overlap").cuda()
+    q, k, v = (torch.randn(2, 8, n, d, device="cuda") for _ in range(3))
+    check(K.isolated_self_attention, (q, k, v), r, "triton", dtype, 3e-3)
+    kk, vv = torch.randn(2, 8, 3, 77, d, device="cuda"), torch.randn(2, 8, 3, 77, d, device="cuda")
+    check(K.regional_cross_attention, (q, kk, vv), r, "triton", dtype, 3e-3)
