@@ -9,6 +9,9 @@ Backends
 - ``"math"``: the reference, ``softmax(q kᵀ · scale + bias) v`` with the scores
   and the softmax statistics in fp32 (LDM upcasts q·kᵀ too; formats.md §7).
 - ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention``.
+- ``"auto"``, ``"triton"``, ``"flex"``: name the kernels used for LoRA-Composer's *masked* attention
+  (composer/regions.py -> kernels/); unmasked attention under them runs on SDPA, which is already a fused
+  flash kernel.
 """
 from __future__ import annotations
 
@@ -17,7 +20,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("math", "sdpa")
+BACKENDS = ("math", "sdpa", "auto", "triton", "flex")
+
+# the kernels/ backend that serves the region-masked attention for each model backend
+REGION_BACKEND = {"math": "torch", "sdpa": "segmented", "auto": "auto", "triton": "triton", "flex": "flex"}
 
 
 def check_backend(backend: str) -> str:
@@ -46,7 +52,7 @@ def attention_math(q, k, v, *, bias=None, causal=False, scale=None):
 
 def attention(q, k, v, *, backend: str, bias=None, causal=False, scale=None):
     """q [B, H, N, D], k/v [B, H, L, D] -> [B, H, N, D] with the given backend."""
-    if backend == "sdpa" and not (causal and bias is not None):
+    if backend != "math" and backend in BACKENDS and not (causal and bias is not None):
         mask = None if bias is None else bias.to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
     if backend in BACKENDS:

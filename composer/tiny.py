@@ -68,3 +68,21 @@ def save_diffusers(folder: str, unet, vae, te, tokenizer: CLIPTokenizer, sched: 
                    "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "PNDMScheduler"],
                    "safety_checker": [None, None], "feature_extractor": [None, None],
                    "requires_safety_checker": False}, f, indent=2)
+
+
+def random_edlora(pipe, words, seed: int = 0, rank: int = 4, key_style: str = "new", emb_std: float = 0.5) -> dict:
+    """A random ED-LoRA params dict shaped for ``pipe``: rank-r LoRA on every attn1/attn2 q/k/v/out and the text
+    encoder's attention, and one [16, C] layer-wise embedding per pseudo-word (for tests and the demo)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.1
+    dn, upn = (".lora_down.weight", ".lora_up.weight") if key_style == "new" else ("_lora.down.weight", "_lora.up.weight")
+    te, unet = {}, {}
+    for path, layer in pipe.text_encoder.named_modules():
+        if path.endswith(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")):
+            te[path + dn], te[path + upn] = r(rank, layer.weight.shape[1]), r(layer.weight.shape[0], rank)
+    for path, layer in pipe.unet.named_modules():
+        if path.endswith((".to_q", ".to_k", ".to_v", ".to_out.0")):
+            unet[path + dn], unet[path + upn] = r(rank, layer.weight.shape[1]), r(layer.weight.shape[0], rank)
+    L, C = len(pipe.unet.transformer_blocks()), pipe.text_encoder.cfg.hidden_size
+    emb = {w: torch.randn(L, C, generator=g) * emb_std for w in words}
+    return {"params": {"new_concept_embedding": emb, "text_encoder": te, "unet": unet}}

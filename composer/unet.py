@@ -12,7 +12,7 @@ Cross-attention layers are numbered l = 0..15 in forward order (method.md §1); 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -180,13 +180,13 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x, context, regions=None):
+    def forward(self, x, context, regions=None, hw=None):
         if regions is None:
             x = x + self.attn1(self.norm1(x))
             x = x + self.attn2(self.norm2(x), context)
         else:  # LoRA-Composer: isolation in attn1, region-aware injection in attn2 (method.md §4, §5)
-            x = x + regions.self_attention(self.attn1, self.norm1(x))
-            x = x + regions.cross_attention(self.attn2, self.norm2(x), context)
+            x = x + regions.self_attention(self.attn1, self.norm1(x), hw)
+            x = x + regions.cross_attention(self.attn2, self.norm2(x), context, hw)
         return x + self.ff(self.norm3(x))
 
 
@@ -206,7 +206,7 @@ class Transformer2DModel(nn.Module):
         block = self.transformer_blocks[0]
         # per-layer contexts [L, B, 77, C] (ED-LoRA layer-wise embeddings) pick this layer's row
         ctx = context[block.attn2.layer_index] if isinstance(context, (list, tuple)) or context.ndim == 4 else context
-        hs = block(hs, ctx, regions)
+        hs = block(hs, ctx, regions, (h, w))
         hs = hs.reshape(b, h, w, c).permute(0, 3, 1, 2)
         return self.proj_out(hs) + x
 

@@ -1,0 +1,148 @@
+"""The attention of a LoRA-Composer pass, passed explicitly to ``UNet.forward(..., regions=...)``.
+
+- ``cross_attention`` (every attn2, method.md §4): base query; slot 0 = the global prompt through the base
+  K/V; slot r+1 = region r's prompt (encoded by concept r's text encoder, layer-wise) through concept r's
+  K/V adapters; background pixels keep the global output, a pixel in boxes S gets mean_{r∈S} to_out_r(a_r),
+  with each concept's ``to_out`` LoRA delta fused into the kernel (``kernels.regional_cross_attention_lora``).
+- ``self_attention`` (every attn1, §5): the isolation rule, when ``isolate`` is on.
+- With ``store`` on, the analysis layers (1/32 of the image) also record what the losses read (§6): per
+  region the head-averaged softmax over its own tokens for every pixel [R, N, L], and the head-averaged
+  masked self-attention [N, N]. Only these small maps are kept; other layers run the fused path.
+The base weights are shared: concepts differ only by their adapters (no per-concept UNet copies).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+
+from .attention import attention, merge_heads, split_heads
+from .losses import box_mask
+
+
+class RegionAttention:
+    def __init__(self, boxes, masks, adapters, pos_ctx, neg_ctx, image_hw, *, isolate=True, backend="auto",
+                 plain_backend="sdpa"):
+        """boxes: per region fractional (y0, x0, y1, x1) (or None with a mask); masks: per region [H, W] tensor
+        in [0, 1] or None; adapters: per region the concept adapter name (or None: base K/V);
+        pos_ctx / neg_ctx: per region [L, 1, 77, C] or [1, 77, C] encodings (positive / negative)."""
+        self.boxes, self.masks, self.adapters = boxes, masks, adapters
+        self.pos_ctx, self.neg_ctx = pos_ctx, neg_ctx
+        self.H, self.W = image_hw
+        self.analysis_hw = (self.H // 32, self.W // 32)
+        self.isolate, self.backend, self.plain_backend = isolate, backend, plain_backend
+        self.halves = ("uncond", "cond")
+        self.store = False
+        self.want_self_maps = isolate  # L_region reads S; set by the caller when the region loss is on
+        self.cross_maps, self.self_maps = {}, {}
+        self._tr, self._lora = {}, {}
+
+    @property
+    def n(self) -> int:
+        return len(self.boxes)
+
+    # --- static per level ------------------------------------------------------------------------------------
+
+    def region_mask(self, r: int, h: int, w: int, device) -> torch.Tensor:
+        if self.masks[r] is not None:  # free-form mask: area average to the level, threshold 0.5
+            m = F.interpolate(self.masks[r][None, None].float(), size=(h, w), mode="area")[0, 0]
+            return (m >= 0.5).float().to(device)
+        return box_mask(self.boxes[r], h, w, device)
+
+    def token_regions(self, hw, device) -> torch.Tensor:
+        """int64 [h·w] bitmasks for this level (cached: static for all steps and layers)."""
+        key = (hw, str(device))
+        if key not in self._tr:
+            h, w = hw
+            tr = torch.zeros(h * w, dtype=torch.int64, device=device)
+            for r in range(self.n):
+                tr |= self.region_mask(r, h, w, device).flatten().long() << r
+            self._tr[key] = tr
+        return self._tr[key]
+
+    def out_lora(self, attn, dtype, device):
+        """to_out LoRA factors of each concept: down [R, rank, C], up [R, C, rank] (zeros where absent)."""
+        key = (attn.layer_index, dtype)
+        if key not in self._lora:
+            lin = attn.to_out[0]
+            ads = [lin.adapters.get(a) if a else None for a in self.adapters]
+            if all(a is None for a in ads):
+                self._lora[key] = None
+            else:
+                if any(a is not None and a.dense is not None for a in ads):
+                    raise ValueError("a concept's to_out delta is LoHa/LoKr (dense); region injection needs low-rank LoRA")
+                rank = max(a.down.shape[0] for a in ads if a is not None)
+                c_out, c_in = lin.weight.shape
+                down = torch.zeros(self.n, rank, c_in, dtype=dtype, device=device)
+                up = torch.zeros(self.n, c_out, rank, dtype=dtype, device=device)
+                for r, a in enumerate(ads):
+                    if a is not None:
+                        down[r, : a.down.shape[0]] = a.down.to(dtype)
+                        up[r, :, : a.up.shape[1]] = a.up.to(dtype)
+                self._lora[key] = (down, up)
+        return self._lora[key]
+
+    def for_batch(self, halves, store=False):
+        self.halves, self.store = tuple(halves), store
+        self.cross_maps, self.self_maps = {}, {}
+        return self
+
+    def _region_context(self, r: int, layer: int) -> torch.Tensor:
+        parts = []
+        for half in self.halves:
+            c = self.pos_ctx[r] if half == "cond" else self.neg_ctx[r]
+            parts.append(c[layer] if c.ndim == 4 else c)
+        return torch.cat(parts)  # [B, 77, C]
+
+    # --- the two attention calls --------------------------------------------------------------------------
+
+    def self_attention(self, attn, x, hw):
+        q, k, v = (split_heads(p(x), attn.heads) for p in (attn.to_q, attn.to_k, attn.to_v))
+        tr = self.token_regions(hw, x.device)
+        if self.store and self.want_self_maps and tuple(hw) == self.analysis_hw:
+            o, p = kernels.isolated_self_attention_ref(q, k, v, tr if self.isolate else torch.zeros_like(tr),
+                                                       return_probs=True)
+            self.self_maps[attn.layer_index] = p.mean(1)  # [B, N, N], head-averaged, masked when isolating
+        elif not self.isolate or not bool(tr.any()):
+            o = attention(q, k, v, backend=self.plain_backend)
+        else:
+            o = kernels.isolated_self_attention(q, k, v, tr, backend=self.backend)
+        return attn.to_out[0](merge_heads(o))
+
+    def cross_attention(self, attn, x, context, hw):
+        heads, l = attn.heads, attn.layer_index
+        q = split_heads(attn.to_q(x), heads)  # the base query (concept to_q LoRAs are not used, §4)
+        ks, vs = [attn.to_k(context)], [attn.to_v(context)]
+        for r in range(self.n):
+            c = self._region_context(r, l).to(x.dtype)
+            a = (self.adapters[r],) if self.adapters[r] else ()
+            ks.append(attn.to_k(c, adapter=a))
+            vs.append(attn.to_v(c, adapter=a))
+        k = torch.stack([split_heads(t, heads) for t in ks], 2)  # [B, H, 1+R, L, D]
+        v = torch.stack([split_heads(t, heads) for t in vs], 2)
+        tr = self.token_regions(hw, x.device)
+        lora = self.out_lora(attn, x.dtype, x.device)
+        analysis = self.store and tuple(hw) == self.analysis_hw
+        backend = "torch" if analysis else self.backend
+        if analysis:  # per-region softmax over its own tokens, for every pixel, head-averaged (§6)
+            s = torch.einsum("bhnd,bhrld->bhrnl", q.float(), k[:, :, 1:].float()) * q.shape[-1] ** -0.5
+            self.cross_maps[l] = s.softmax(-1).mean(1)  # [B, R, N, L]
+        if lora is None:
+            o = kernels.regional_cross_attention(q, k, v, tr, backend=backend)
+            return attn.to_out[0](merge_heads(o))
+        down, up = lora
+        o, z = kernels.regional_cross_attention_lora(q, k, v, tr, down, backend=backend)
+        return attn.to_out[0](merge_heads(o)) + torch.einsum("bnrk,rck->bnc", z, up)
+
+    # --- what the losses read --------------------------------------------------------------------------------
+
+    def aggregated_maps(self):
+        """Layer-averaged maps of the last stored pass: (per region [h, w, L], [N, N] or None). Batch entry 0."""
+        h, w = self.analysis_hw
+        if not self.cross_maps:
+            raise RuntimeError("no analysis-layer maps were stored (image too small for a 1/32 grid?)")
+        cm = torch.stack(list(self.cross_maps.values())).mean(0)[0]  # [R, N, L]
+        cross = [cm[r].reshape(h, w, -1) for r in range(self.n)]
+        sm = torch.stack(list(self.self_maps.values())).mean(0)[0] if self.self_maps else None
+        return cross, sm
