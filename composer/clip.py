@@ -52,15 +52,15 @@ CLIP_PRESETS = {
 
 
 class CLIPAttention(nn.Module):
-    def __init__(self, dim: int, heads: int, backend: str):
+    def __init__(self, dim: int, heads: int, backend: str, causal: bool = True):
         super().__init__()
-        self.heads, self.backend = heads, check_backend(backend)
+        self.heads, self.backend, self.causal = heads, check_backend(backend), causal
         self.q_proj, self.k_proj = Linear(dim, dim), Linear(dim, dim)
         self.v_proj, self.out_proj = Linear(dim, dim), Linear(dim, dim)
 
     def forward(self, x, adapter=None):  # x [B, 77, C], causal self-attention
         q, k, v = (split_heads(p(x, adapter), self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))
-        return self.out_proj(merge_heads(attention(q, k, v, backend=self.backend, causal=True)), adapter)
+        return self.out_proj(merge_heads(attention(q, k, v, backend=self.backend, causal=self.causal)), adapter)
 
 
 class CLIPMLP(nn.Module):
@@ -74,10 +74,10 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig, backend: str):
+    def __init__(self, cfg: CLIPTextConfig, backend: str, causal: bool = True):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.self_attn = CLIPAttention(cfg.hidden_size, cfg.num_attention_heads, backend)
+        self.self_attn = CLIPAttention(cfg.hidden_size, cfg.num_attention_heads, backend, causal)
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = CLIPMLP(cfg.hidden_size, cfg.intermediate_size)
 
@@ -94,9 +94,9 @@ class CLIPEmbeddings(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig, backend: str):
+    def __init__(self, cfg: CLIPTextConfig, backend: str, causal: bool = True):
         super().__init__()
-        self.layers = nn.ModuleList([CLIPEncoderLayer(cfg, backend) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nn.ModuleList([CLIPEncoderLayer(cfg, backend, causal) for _ in range(cfg.num_hidden_layers)])
 
 
 class CLIPTextTransformer(nn.Module):

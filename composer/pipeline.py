@@ -61,6 +61,9 @@ class Pipeline:
         from .lora import LoRASet
         self.loras = LoRASet()
         self.base_vocab = text_encoder.cfg.vocab_size
+        # encoded-prompt cache for batches (composer/batch.py); 0 disables it. Cleared whenever LoRAs change.
+        self.prompt_cache_mb = 0.0
+        self._prompt_cache: dict = {}
 
     # --- LoRAs ------------------------------------------------------------------------------------------------
 
@@ -106,6 +109,7 @@ class Pipeline:
             self.tokenizer.add_tokens(list(lora.embeddings))
             for word, emb in lora.embeddings.items():
                 self.loras.concepts[word] = (name, emb.to(self.device, self.dtype))
+        self._prompt_cache.clear()
         log.info("loaded %s", lora.report())
         return lora
 
@@ -113,6 +117,7 @@ class Pipeline:
         if name not in self.loras.loras:
             raise KeyError(f"no LoRA named {name!r} is loaded (loaded: {sorted(self.loras.loras)})")
         self.loras.remove(name)
+        self._prompt_cache.clear()
 
     # --- building blocks --------------------------------------------------------------------------------
 
@@ -130,6 +135,20 @@ class Pipeline:
         the L passes run as one batch. ``adapter`` selects a live/region LoRA of the text encoder."""
         if isinstance(prompts, str):
             prompts = [prompts]
+        key = (tuple(prompts), adapter if not isinstance(adapter, list) else tuple(adapter))
+        if self.prompt_cache_mb and key in self._prompt_cache:
+            hit = self._prompt_cache.pop(key)
+            self._prompt_cache[key] = hit  # most recently used last
+            return hit
+        out = self._encode(prompts, adapter)
+        if self.prompt_cache_mb:
+            self._prompt_cache[key] = out
+            budget = self.prompt_cache_mb * 2**20
+            while sum(t.numel() * t.element_size() for t in self._prompt_cache.values()) > budget and len(self._prompt_cache) > 1:
+                self._prompt_cache.pop(next(iter(self._prompt_cache)))
+        return out
+
+    def _encode(self, prompts, adapter):
         self.check_pseudo_words(prompts)
         ids = self.tokenizer(prompts).to(self.device)
         pseudo = ids >= self.base_vocab

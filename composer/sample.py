@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--official-schedule", action="store_true",
                     help="DPM-Solver++ timesteps and final step of diffusers 0.14, as in the paper's runs")
     ap.add_argument("--debug-dir", help="write box layout, attention heatmaps and the loss curve here")
+    ap.add_argument("--jobs", help="a JSONL jobs file (one spec per line, + optional name and seeds); "
+                                   "outputs go to --out-dir; resumable; works under torchrun")
+    ap.add_argument("--out-dir", help="output folder for --jobs")
+    ap.add_argument("--cache-mb", type=float, default=2048, help="memory budget for cached LoRAs and prompts (--jobs)")
     ap.add_argument("--negative", default=None, help="negative prompt")
     ap.add_argument("--steps", type=int, default=None, help="default 50 (8 on the embedded model)")
     ap.add_argument("--guidance", type=float, default=None, help="default 7.5")
@@ -121,6 +125,8 @@ def main(argv=None) -> int:
     import tempfile
     from .compose import ComposeSpec, compose, parse_region_string
     a = build_parser().parse_args(argv)
+    if a.jobs:
+        return _run_jobs(a)
     dtype = DTYPES[a.dtype]
     from . import load
     from .pipeline import check_size
@@ -172,6 +178,50 @@ def main(argv=None) -> int:
         tmp.cleanup()
 
 
+def _run_jobs(a) -> int:
+    from . import load
+    from .batch import dist_env, format_summary, merge_summaries, read_jobs, run_jobs
+    if not a.out_dir:
+        raise ValueError("--jobs needs --out-dir")
+    read_jobs(a.jobs)  # validate the whole file before loading anything
+    rank, world, local = dist_env()
+    device = a.device
+    if world > 1:
+        import torch.distributed as dist
+        cuda = torch.cuda.is_available() and a.device.startswith("cuda")
+        if cuda:
+            device = f"cuda:{local}"
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    dtype = DTYPES[a.dtype]
+    if a.model:
+        pipe = load(a.model, dtype=dtype, device=device, tokenizer=a.tokenizer, attention=a.attention)
+    else:
+        print("composer: no --model given: running the jobs on the embedded tiny random-weight model", file=sys.stderr)
+        pipe = embedded_pipeline(device, dtype, a.attention)
+    for item in a.lora:
+        path, scale = parse_lora_arg(item)
+        pipe.load_lora(path, scale, mode="region")
+    try:
+        summary = run_jobs(pipe, a.jobs, a.out_dir, rank=rank, world=world, quiet=a.quiet, cache_mb=a.cache_mb,
+                           log=lambda m: print(m, file=sys.stderr))
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+            parts = [None] * world
+            dist.all_gather_object(parts, locals().get("summary") or {})
+            dist.barrier()
+            dist.destroy_process_group()
+    if world > 1:
+        summary = merge_summaries(parts)
+    if rank == 0:
+        print(format_summary(summary), file=sys.stderr)
+    failed = sum(s["failed"] for s in summary.values())
+    if failed and rank == 0:
+        print(f"composer: {failed} item(s) failed; see {os.path.join(a.out_dir, 'failures.jsonl')}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def _run_compose(a, pipe, spec, regions) -> int:
     import dataclasses
     from .compose import compose
@@ -207,6 +257,6 @@ def _run_compose(a, pipe, spec, regions) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ValueError, FileNotFoundError, TypeError) as e:
+    except (ValueError, FileNotFoundError, TypeError, KeyError) as e:
         print(f"composer.sample: error: {e}", file=sys.stderr)
         sys.exit(2)

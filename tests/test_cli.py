@@ -13,9 +13,9 @@ from composer.sample import main
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_embedded_default(tmp_path, capsys):
-    out = tmp_path / "demo.png"
-    assert main(["--out", str(out), "--quiet"]) == 0
+def test_embedded_text_to_image(tmp_path, capsys):
+    out = tmp_path / "t2i.png"
+    assert main(["--prompt", "a photo of a cat", "--out", str(out), "--quiet"]) == 0
     im = Image.open(out)
     assert im.size == (64, 64)
     params = json.loads(im.text["parameters"])

@@ -1,0 +1,218 @@
+"""Scripted runs at scale: ``python -m composer.sample --jobs jobs.jsonl --out-dir DIR``.
+
+- Each line of the jobs file is a composition spec (composer/compose.py; a spec without regions is plain
+  text-to-image) plus an optional ``name`` and ``seeds`` (a list, an int, or a range such as "0-49"). The
+  whole file is validated before anything runs; a bad line is an error naming the line.
+- Outputs: ``DIR/<name>/<seed>.png`` and a JSON sidecar (resolved spec, versions, timing, peak memory),
+  written atomically (temporary file, then rename). An item is complete when its sidecar exists, so rerunning
+  the same command resumes. A failing item does not stop the batch: it goes to ``DIR/failures.jsonl`` and the
+  exit status is non-zero at the end.
+- The base model is loaded once; concept LoRAs stay loaded as region adapters and encoded prompts are cached,
+  both within a memory budget (least recently used evicted first).
+- Under ``torchrun`` the (job, seed) items are sharded deterministically (item i -> rank i mod world), each rank
+  on its own device (LOCAL_RANK); torch.distributed is used only for rank/world, a final barrier and a gathered
+  summary (gloo on CPU, nccl on CUDA).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import re
+import resource
+import sys
+import time
+from collections import OrderedDict
+
+import torch
+
+_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+@dataclasses.dataclass
+class Job:
+    name: str
+    seeds: list
+    spec: object  # ComposeSpec
+    line: int
+
+
+def parse_seeds(v, where: str) -> list:
+    if isinstance(v, bool):
+        raise ValueError(f"{where}: 'seeds' must be a list of ints, an int or a range 'A-B'")
+    if isinstance(v, int):
+        return [v]
+    if isinstance(v, str):
+        m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", v)
+        if not m or int(m[2]) < int(m[1]):
+            raise ValueError(f"{where}: seeds range {v!r} must look like '0-49' (start <= end)")
+        return list(range(int(m[1]), int(m[2]) + 1))
+    if isinstance(v, list) and v and all(isinstance(s, int) and not isinstance(s, bool) for s in v):
+        if len(set(v)) != len(v):
+            raise ValueError(f"{where}: duplicate seeds in {v}")
+        return list(v)
+    raise ValueError(f"{where}: 'seeds' must be a non-empty list of ints, an int or a range 'A-B', got {v!r}")
+
+
+def read_jobs(path: str) -> list:
+    from .compose import ComposeSpec
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"jobs file not found: {path}")
+    jobs, names = [], set()
+    with open(path, encoding="utf-8") as f:
+        for ln, text in enumerate(f, 1):
+            if not text.strip() or text.lstrip().startswith("#"):
+                continue
+            where = f"{path} line {ln}"
+            try:
+                d = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(d, dict):
+                raise ValueError(f"{where}: expected a JSON object")
+            name = d.get("name", f"job{len(jobs):03d}")
+            if not isinstance(name, str) or not _NAME.fullmatch(name):
+                raise ValueError(f"{where}: name {name!r} must use only letters, digits, '.', '_' and '-'")
+            if name in names:
+                raise ValueError(f"{where}: duplicate job name {name!r}")
+            names.add(name)
+            spec = ComposeSpec.from_dict(d, where=where)
+            seeds = parse_seeds(d["seeds"], where) if "seeds" in d else [spec.seed]
+            if spec.regions:
+                from .compose import check_compose_size
+                try:
+                    check_compose_size(spec.height, spec.width)
+                except ValueError as e:
+                    raise ValueError(f"{where}: {e}") from None
+            jobs.append(Job(name, seeds, spec, ln))
+    if not jobs:
+        raise ValueError(f"{path}: no jobs (empty file)")
+    return jobs
+
+
+def items_of(jobs) -> list:
+    """All (job index, seed) items, in file order: the deterministic order that sharding slices."""
+    return [(j, s) for j, job in enumerate(jobs) for s in job.seeds]
+
+
+def shard(items: list, rank: int, world: int) -> list:
+    return items[rank::world]
+
+
+def _atomic_json(obj, path: str):
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def versions() -> dict:
+    from . import __version__
+    return {"composer": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+class LoRACache:
+    """Keeps region LoRAs loaded across jobs; evicts the least recently used beyond ``budget_mb``."""
+
+    def __init__(self, pipe, budget_mb: float):
+        self.pipe, self.budget = pipe, budget_mb * 2**20
+        self.order: OrderedDict = OrderedDict()
+
+    def touch(self, spec):
+        need = {f"region:{os.path.abspath(r.lora)}:{r.scale}" for r in spec.regions if r.lora}
+        for n in need:
+            self.order.pop(n, None)
+            self.order[n] = True
+        loaded = [n for n in self.order if n in self.pipe.loras.loras]
+        size = lambda n: sum(a.nbytes() for l in self.pipe.loras.live.get(n, []) for a in [l.adapters.get(n)] if a)
+        total = sum(size(n) for n in loaded)
+        for n in list(self.order):
+            if total <= self.budget:
+                break
+            if n in need or n not in self.pipe.loras.loras:
+                continue
+            total -= size(n)
+            self.pipe.unload_lora(n)
+            del self.order[n]
+
+
+def run_jobs(pipe, jobs_path: str, out_dir: str, *, rank: int = 0, world: int = 1, quiet: bool = False,
+             cache_mb: float = 2048, log=print) -> dict:
+    """Run (this rank's share of) a jobs file; returns the summary dict."""
+    from .compose import compose_latents
+    from .pipeline import to_pil
+    from .sample import save_png
+    jobs = read_jobs(jobs_path)
+    os.makedirs(out_dir, exist_ok=True)
+    mine = shard(items_of(jobs), rank, world)
+    cache = LoRACache(pipe, cache_mb)
+    pipe.prompt_cache_mb = cache_mb / 4
+    summary = {job.name: {"done": 0, "skipped": 0, "failed": 0, "seconds": 0.0} for job in jobs}
+    bar = None
+    if not quiet:
+        from tqdm import tqdm
+        bar = tqdm(total=len(mine), desc=f"batch[{rank}]" if world > 1 else "batch", unit="img", file=sys.stderr,
+                   position=rank)
+    for j, seed in mine:
+        job = jobs[j]
+        folder = os.path.join(out_dir, job.name)
+        png, side = os.path.join(folder, f"{seed}.png"), os.path.join(folder, f"{seed}.json")
+        if os.path.exists(side) and os.path.exists(png):
+            summary[job.name]["skipped"] += 1
+            bar and bar.update(1)
+            continue
+        os.makedirs(folder, exist_ok=True)
+        spec = dataclasses.replace(job.spec, seed=seed)
+        if torch.cuda.is_available() and pipe.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pipe.device)
+        t0 = time.perf_counter()
+        try:
+            cache.touch(spec)
+            lat, info = compose_latents(pipe, spec)
+            image = to_pil(pipe.decode(lat))[0]
+            dt = time.perf_counter() - t0
+            resolved = dataclasses.asdict(spec)
+            save_png(image, png, {**resolved, "job": job.name})
+            mem = {"process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            if pipe.device.type == "cuda":
+                mem["cuda_peak_mb"] = torch.cuda.max_memory_allocated(pipe.device) / 2**20
+            _atomic_json({"job": job.name, "seed": seed, "spec": resolved, "versions": versions(), "seconds": dt,
+                          "memory": mem, "info": info, "rank": rank, "device": str(pipe.device)}, side)
+            summary[job.name]["done"] += 1
+            summary[job.name]["seconds"] += dt
+        except Exception as e:  # one failing item never stops the batch
+            summary[job.name]["failed"] += 1
+            rec = {"job": job.name, "seed": seed, "line": job.line, "rank": rank,
+                   "error": f"{type(e).__name__}: {e}"}
+            with open(os.path.join(out_dir, "failures.jsonl"), "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+            log(f"composer: job {job.name!r} seed {seed} failed: {rec['error']}")
+        bar and bar.update(1)
+    if bar:
+        bar.close()
+    return summary
+
+
+def merge_summaries(parts: list) -> dict:
+    out: dict = {}
+    for p in parts:
+        for name, s in p.items():
+            o = out.setdefault(name, {"done": 0, "skipped": 0, "failed": 0, "seconds": 0.0})
+            for k in o:
+                o[k] += s[k]
+    return out
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"{'job':<24} {'done':>5} {'skipped':>8} {'failed':>7} {'s/img':>8}"]
+    for name, s in summary.items():
+        per = s["seconds"] / s["done"] if s["done"] else float("nan")
+        lines.append(f"{name:<24} {s['done']:>5} {s['skipped']:>8} {s['failed']:>7} {per:>8.2f}")
+    t = merge_summaries([summary]) and {k: sum(s[k] for s in summary.values()) for k in ("done", "skipped", "failed")}
+    lines.append(f"{'total':<24} {t['done']:>5} {t['skipped']:>8} {t['failed']:>7}")
+    return "\n".join(lines)
+
+
+def dist_env() -> tuple[int, int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))

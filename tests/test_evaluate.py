@@ -1,0 +1,110 @@
+"""CLIP towers against transformers.CLIPModel on random weights; the metrics on constructed inputs."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from composer.clip_model import CLIPModel, preprocess
+from composer.evaluate import evaluate, markdown, scores, summarize
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory, tokenizer_dir):
+    from transformers import CLIPConfig, CLIPModel as HF
+    from conftest import perturb
+    cfg = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      vocab_size=49408, max_position_embeddings=77, eos_token_id=2),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        image_size=224, patch_size=32),
+                     projection_dim=16)
+    torch.manual_seed(0)
+    m = perturb(HF(cfg).eval(), seed=7)
+    d = tmp_path_factory.mktemp("clip")
+    m.save_pretrained(str(d))
+    import shutil
+    for f in ("vocab.json", "merges.txt"):
+        shutil.copy(os.path.join(tokenizer_dir, f), d / f)
+    return str(d)
+
+
+def _feat(x):
+    return x if isinstance(x, torch.Tensor) else (x.pooler_output if getattr(x, "pooler_output", None) is not None else x[0])
+
+
+def test_clip_towers_match_transformers(clip_dir):
+    from transformers import CLIPModel as HF
+    ref = HF.from_pretrained(clip_dir).eval()
+    ours = CLIPModel.load(clip_dir)
+    px = torch.randn(2, 3, 224, 224)
+    from composer.tokenizer import CLIPTokenizer
+    ids = CLIPTokenizer.from_file(clip_dir)(["A photo depicts a cat", "A photo depicts a dog, at night"])
+    with torch.no_grad():
+        ri, rt = _feat(ref.get_image_features(pixel_values=px)), _feat(ref.get_text_features(input_ids=ids))
+        oi, ot = ours.image_features(px), ours.text_features(ids)
+    assert ((oi - ri).abs().max() / ri.abs().max()).item() <= 1e-4
+    assert ((ot - rt).abs().max() / rt.abs().max()).item() <= 1e-4
+
+
+def test_preprocess_matches_clip_processor():
+    from transformers import CLIPImageProcessor
+    try:
+        proc = CLIPImageProcessor()
+    except Exception:
+        pytest.skip("CLIPImageProcessor unavailable")
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 255, (300, 410, 3), dtype=np.uint8))
+    ref = torch.as_tensor(np.asarray(proc(images=[im], return_tensors="np")["pixel_values"]))
+    ours = preprocess([im])
+    assert ours.shape == ref.shape == (1, 3, 224, 224)
+    assert (ours - ref).abs().mean() < 0.02  # same recipe; PIL vs processor resampling differ by rounding
+
+
+def test_scores_by_hand():
+    img = torch.tensor([1.0, 0.0, 0.0])
+    refs = torch.tensor([[1.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    text = torch.tensor([3.0, 4.0, 0.0])
+    s = scores(img, refs, text)
+    assert s["I_first"] == pytest.approx(1 / math.sqrt(2))
+    assert s["I"] == pytest.approx((1 / math.sqrt(2) + 0 + 0) / 3)  # negative cosine clipped to 0
+    assert s["T"] == pytest.approx(2.5 * 0.6)
+
+
+def test_summary_averages_per_concept_then_setting():
+    rows = [dict(job="s1", concept="a", I=1.0, I_first=1.0, T=0.5), dict(job="s1", concept="a", I=0.0, I_first=0.0, T=0.5),
+            dict(job="s1", concept="b", I=0.5, I_first=0.2, T=0.1), dict(job="s2", concept="a", I=0.2, I_first=0.2, T=0.3)]
+    s = summarize(rows)
+    assert s["settings"]["s1"]["I"] == pytest.approx((0.5 + 0.5) / 2)
+    assert s["settings"]["s1"]["T"] == pytest.approx((0.5 + 0.1) / 2)
+    assert s["I"] == pytest.approx((0.5 + 0.2) / 2)
+    assert "| **mean** |" in markdown(s)
+
+
+def test_evaluate_end_to_end_on_a_batch(clip_dir, tmp_path):
+    """A fake batch folder (image + sidecar) and reference folders; scores equal a direct computation."""
+    res, refs = tmp_path / "res", tmp_path / "refs"
+    (res / "setting1").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8))
+    img.save(res / "setting1" / "0.png")
+    spec = {"height": 128, "width": 128, "regions": [{"prompt": "a <cat1> <cat2>", "box": [0, 0, 128, 64], "lora": "/x/cat.pth"}]}
+    json.dump({"seed": 0, "spec": spec}, open(res / "setting1" / "0.json", "w"))
+    (refs / "cat").mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(refs / "cat" / f"r{i}.png")
+    (refs / "cat" / "class.txt").write_text("cat\n")
+    rows, summary = evaluate(str(res), str(refs), clip_dir)
+    assert len(rows) == 1 and rows[0]["concept"] == "cat" and rows[0]["class"] == "cat"
+    m = CLIPModel.load(clip_dir)
+    from composer.tokenizer import CLIPTokenizer
+    with torch.no_grad():
+        f = m.image_features(preprocess([img.crop((0, 0, 64, 128))]))[0]
+        r = m.image_features(preprocess([Image.open(refs / "cat" / f"r{i}.png") for i in range(2)]))
+        t = m.text_features(CLIPTokenizer.from_file(clip_dir)(["A photo depicts a cat"]))[0]
+    want = scores(f, r, t)
+    for k in ("I", "I_first", "T"):
+        assert rows[0][k] == pytest.approx(want[k], abs=1e-6)
+    assert summary["I"] == pytest.approx(want["I"])
