@@ -1,6 +1,12 @@
-"""composer: LoRA-Composer (training-free multi-concept composition) on a from-scratch SD1.5 stack."""
+"""composer: LoRA-Composer (training-free multi-concept composition) on a from-scratch SD1.5 stack.
+
+    pipe = composer.load("stable-diffusion-v1-5/")            # diffusers folder or single file
+    img = pipe.generate("a red fox in snow", seed=7)          # text to image
+    img = composer.compose(pipe, {"prompt": ..., "regions": [...]})   # multi-concept composition
+"""
+from .compose import ComposeSpec, Region, compose, compose_latents
 from .loading import load
 from .pipeline import Pipeline
 
-__all__ = ["load", "Pipeline"]
+__all__ = ["load", "Pipeline", "compose", "compose_latents", "ComposeSpec", "Region"]
 __version__ = "0.1.0"

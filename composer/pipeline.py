@@ -156,11 +156,10 @@ class Pipeline:
             return self.text_encoder(ids, adapter=adapter)
         L = len(self.unet.transformer_blocks())
         emb = self.text_encoder.embed(ids.clamp(max=self.base_vocab - 1))  # [B, 77, C]
-        table = torch.stack([self.loras.concepts[self.tokenizer.tok.id_to_token(i)][1]
-                             for i in range(self.base_vocab, len(self.tokenizer))])  # [n_words, L, C]
         b, n, c = emb.shape
         embs = emb[None].repeat(L, 1, 1, 1)  # [L, B, 77, C]
-        rows = table[ids[pseudo] - self.base_vocab]  # [P, L, C]
+        words = [self.tokenizer.tok.id_to_token(int(i)) for i in ids[pseudo]]
+        rows = torch.stack([self.loras.concepts[w][1] for w in words])  # [P, L, C]
         embs[:, pseudo] = rows.transpose(0, 1).to(embs.dtype)
         out = self.text_encoder(inputs_embeds=embs.reshape(L * b, n, c), adapter=adapter)
         return out.reshape(L, b, n, -1)

@@ -343,3 +343,32 @@ def test_embedded_demo_composes(tmp_path, capsys):
     assert "composing 2 random concepts" in capsys.readouterr().err
     p = json.loads(Image.open(out).text["parameters"])
     assert len(p["regions"]) == 2 and Image.open(out).size == (128, 128)
+
+
+def test_background_lora_applies_during_compose_and_is_restored(pipe, concepts, tmp_path):
+    from composer.tiny import random_edlora
+    bg = tmp_path / "rock.pth"
+    torch.save(random_edlora(pipe, ["<rock1>", "<rock2>"], seed=99), str(bg))
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    base = spec_for(concepts, 2, steps=2)
+    with_bg = ComposeSpec.from_dict({**{k: getattr(base, k) for k in ("height", "width", "steps", "seed")},
+                                     "prompt": "a photo at <rock1> <rock2>", "background_lora": str(bg),
+                                     "regions": base.regions})
+    a, _ = compose_latents(pipe, with_bg)
+    b, _ = compose_latents(pipe, base)
+    assert not torch.equal(a, b)
+    assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())  # merged, then restored
+    assert not any(n.startswith("background:") for n in pipe.loras.loras)
+
+
+def test_yaml_spec(tmp_path, concepts):
+    yaml = pytest.importorskip("yaml")
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump({"prompt": "x", "height": 128, "width": 128,
+                                 "regions": [{"prompt": "a <cat1> <cat2>", "box": [0, 0, 64, 64], "lora": concepts[0]}]}))
+    spec = ComposeSpec.from_file(str(f))
+    assert spec.regions[0].box == [0, 0, 64, 64] and spec.height == 128
+
+
+def test_public_api_names():
+    assert composer.compose is compose and composer.ComposeSpec is ComposeSpec

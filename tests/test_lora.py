@@ -449,3 +449,46 @@ def test_cli_lora_flag(ref_pipe_dir, kohya_lora, tmp_path):
     import numpy as np
     assert (np.asarray(Image.open(out)) == np.asarray(pipe.generate("a photo of a cat", steps=2, height=64, width=64,
                                                                        sampler="dpm++2m"))).all()
+
+
+def test_old_diffusers_attn_procs_spelling(ref_pipe_dir, peft_lora, ref_with_lora, tmp_path):
+    """The same deltas as old attn-procs keys (…processor.to_q_lora.down.weight, to_out_lora, lora_linear_layer)."""
+    from safetensors import safe_open
+    import json as _json
+    sd = load_file(peft_lora)
+    with safe_open(peft_lora, "pt") as f:
+        meta = _json.loads(f.metadata()["lora_adapter_metadata"])
+    out = {}
+    for k, v in sd.items():
+        if ".lora_A." not in k:
+            continue
+        mod = k[: k.index(".lora_A.")]
+        ns, path = mod.split(".", 1)
+        up = sd[mod + ".lora_B.weight"]
+        if ns == "unet":
+            if not any(path.endswith(t) for t in ("to_q", "to_k", "to_v", "to_out.0")):
+                continue
+            alpha = 2.0 if path.endswith("to_k") else meta["unet.lora_alpha"]
+            up = up * (alpha / up.shape[1])  # old files carry no alpha: fold the scale in
+            blk, _, proj = path.rpartition(".") if not path.endswith("to_out.0") else (path[:-len(".to_out.0")], "", "to_out")
+            name = f"unet.{blk}.processor.{proj}_lora"
+            out[name + ".down.weight"], out[name + ".up.weight"] = v, up
+        else:
+            up = up * (meta["text_encoder.lora_alpha"] / up.shape[1])
+            name = f"text_encoder.text_model.{path}.lora_linear_layer"
+            out[name + ".down.weight"], out[name + ".up.weight"] = v, up
+    f = tmp_path / "old.safetensors"
+    save_file(out, str(f))
+    pipe = composer.load(ref_pipe_dir)
+    lora = pipe.load_lora(str(f))
+    assert lora.kind == "diffusers-old" and len(lora.modules) == 128 + 10
+    ids = pipe.tokenizer(["a photo of a cat"])
+    _, ref_t = outputs(ref_with_lora.unet, ref_with_lora.text_encoder, ids, hf=True)
+    _, t = outputs(pipe.unet, pipe.text_encoder, ids)
+    assert max_rel_err(t, ref_t) <= 1e-5  # the text encoder carries the whole LoRA
+    full = composer.load(ref_pipe_dir)
+    full.load_lora(peft_lora)
+    # the UNet file holds only the attention projections: those match the full LoRA's merged weights
+    for p, layer in pipe._layers().items():
+        if p[1].endswith(("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")):
+            torch.testing.assert_close(layer.weight, full._layers()[p].weight, atol=1e-6, rtol=1e-6)
