@@ -12,6 +12,21 @@ import torch
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
+def rss_mb() -> float:
+    """Current resident set size of this process (MB)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (MB)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def machine() -> dict:
     d = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
          "threads": torch.get_num_threads(), "cores": os.cpu_count()}

@@ -9,7 +9,6 @@ over batch and heads (the official code builds [B·H, N, N]: 8× more at B·H = 
 """
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -18,14 +17,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
+from _common import peak_rss_mb, rss_mb  # noqa: E402
 B, H, N, D = 2, 8, 4096, 40
 
 
-def rss_mb():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
 
 
 def regions():
@@ -60,7 +55,7 @@ def child(case, mode):
             t0 = time.perf_counter()
             run()
             ts.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the check below allocates N×N
+    peak = peak_rss_mb()  # before the check below allocates N×N
     err = None
     if mode == "fwd" and case == "segmented":  # correctness against the dense form (one batch element)
         with torch.no_grad():

@@ -10,7 +10,6 @@ so this is the method's most expensive regime. Target: 4-concept peak ≤ 1.3× 
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -20,13 +19,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
+from _common import peak_rss_mb, rss_mb  # noqa: E402
 
 
-def rss_mb():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
 
 
 def build_pipe():
@@ -74,7 +69,7 @@ def child(case: str, n: int, size: int, steps: int, runs: int, tmp: str):
                 prompt="a photo of friends in a garden", height=size, width=size, steps=steps, regions=regs)))
         pipe.decode(lat)
         times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     print(json.dumps({"case": case, "concepts": n, "median_s": statistics.median(times), "all_s": times,
                       "rss_after_model_mb": base_rss, "peak_rss_mb": peak, "peak_over_model_mb": peak - base_rss}))
 

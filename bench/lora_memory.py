@@ -8,25 +8,17 @@ composition holds concepts). Peak RSS (ru_maxrss) is compared with: RSS before t
 the LoRA files' size. Target: peak ≤ that + 10 % of (weights + files).
 """
 import os
-import resource
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
-from _common import write_result
+from _common import peak_rss_mb, rss_mb, write_result
 
 
-def rss_mb():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
 
 
-def peak_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main():
@@ -76,7 +68,7 @@ def main():
     for i, f in enumerate(files):
         pipe.load_lora(f, mode="region", name=f"c{i}")
     rss_after = rss_mb()
-    peak = peak_mb()
+    peak = peak_rss_mb()
     adapters_mb = sum(a.nbytes() for l in pipe._layers().values() for a in l.adapters.values()) / 2**20
     budget = rss0 + (weights_mb + file_mb) * 1.10
     res = {"rss_before_model_mb": rss0, "model_weights_mb": weights_mb, "rss_with_model_mb": rss_model,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -35,19 +34,6 @@ def to_pil(images: torch.Tensor) -> list:
     """[B, 3, H, W] in [-1, 1] -> PIL images (diffusers' rounding: (x/2 + 0.5).clamp(0, 1) · 255, round)."""
     arr = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in arr]
-
-
-@dataclass
-class GenerationParams:
-    prompt: str
-    negative_prompt: str = ""
-    height: int = 512
-    width: int = 512
-    steps: int = 50
-    guidance: float = 7.5
-    seed: int = 0
-    sampler: str = "ddim"
-    eta: float = 0.0
 
 
 class Pipeline:
@@ -215,7 +201,7 @@ class Pipeline:
         return x
 
     def generate(self, prompt: str, **kw) -> Image.Image:
-        """Text to image; keywords as in :class:`GenerationParams`. Returns a PIL image."""
+        """Text to image; keywords as in :meth:`sample_latents`. Returns a PIL image."""
         return to_pil(self.decode(self.sample_latents(prompt, **kw)))[0]
 
     def to(self, device=None, dtype=None):

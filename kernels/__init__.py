@@ -49,6 +49,12 @@ def _triton_ok() -> bool:
         return False
 
 
+def _require_triton_runtime(q):
+    import os
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before kernels are imported")
+
+
 def _check(q, token_regions):
     n = q.shape[2]
     if token_regions.shape[-1] != n:
@@ -58,10 +64,8 @@ def _check(q, token_regions):
 
 
 def _self_triton(q, k, v, r, scale):
-    import os
     from .triton_attention import isolated_self_attention_sorted
-    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before kernels are imported")
+    _require_triton_runtime(q)
     b, h, n, d = q.shape
     r = (r if r.ndim == 2 else r[None].expand(b, n)).to(torch.int64)
     lab = labels(r)
@@ -110,15 +114,17 @@ def regional_cross_attention(q, k, v, token_regions, *, scale=None, backend="aut
         raise ValueError(f"at most {MAX_REGIONS} regions are supported, got {k.shape[2] - 1}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     be = resolve_backend(backend, q.device)
+    if be == "triton" and q.is_cuda and q.dtype == torch.float32 and max(q.shape[-1], v.shape[-1]) > 64:
+        # fp32 K/V tiles of 128 keys × ≥ 128 padded lanes exceed a GPU's shared memory (python -m kernels.aot):
+        # take the exact segmented path there; fp16/bf16, the GPU dtypes, always take the kernel
+        be = "segmented"
     if be == "torch":
         return regional_cross_attention_ref(q, k, v, token_regions, scale=scale)
     if be == "segmented":
         return regional_cross_attention_segmented(q, k, v, token_regions, scale=scale)
     if be == "triton":
-        import os
         from .triton_attention import regional_cross_attention_triton
-        if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before kernels are imported")
+        _require_triton_runtime(q)
         b, _, n, _ = q.shape
         r = (token_regions if token_regions.ndim == 2 else token_regions[None].expand(b, n)).to(torch.int64)
         return regional_cross_attention_triton(q, k, v, r, scale=scale)

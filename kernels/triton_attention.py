@@ -39,6 +39,21 @@ def default_block(head_dim: int = 64) -> int:
     return 64 if _pow2(head_dim) <= 128 else 32
 
 
+# --- shared tile helpers --------------------------------------------------------------------------------------
+
+@triton.jit
+def _tile(ptr, rows, nrows, cols, ncols, stride):
+    """Load a [len(rows), len(cols)] tile of a row-major matrix, zero outside [nrows, ncols]."""
+    return tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=(rows[:, None] < nrows) & (cols[None, :] < ncols),
+                   other=0.0)
+
+
+@triton.jit
+def _allowed(lq, lk):
+    """The isolation rule on labels (0 background, bitmask single box, −1 overlap): [BM] × [BN] -> [BM, BN]."""
+    return (lq[:, None] == 0) | (lk[None, :] == 0) | ((lq[:, None] == lk[None, :]) & (lq[:, None] > 0))
+
+
 # --- isolated self-attention ----------------------------------------------------------------------------------
 
 @triton.jit
@@ -52,7 +67,7 @@ def _self_fwd_kernel(Q, K, V, O, LSE, LAB, TABLE, N, H, D, DV, NQB, NKB, scale2,
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
     mrow = offs_m < N
-    q = tl.load(Q + bh * N * D + offs_m[:, None] * D + offs_d[None, :], mask=mrow[:, None] & (offs_d[None, :] < D), other=0.0)
+    q = _tile(Q + bh * N * D, offs_m, N, offs_d, D, D)
     lq = tl.load(LAB + b * N + offs_m, mask=mrow, other=0)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
@@ -62,12 +77,12 @@ def _self_fwd_kernel(Q, K, V, O, LSE, LAB, TABLE, N, H, D, DV, NQB, NKB, scale2,
         if st != 0:
             offs_k = j * BN + offs_n
             mk = offs_k < N
-            k = tl.load(K + bh * N * D + offs_k[:, None] * D + offs_d[None, :], mask=mk[:, None] & (offs_d[None, :] < D), other=0.0)
+            k = _tile(K + bh * N * D, offs_k, N, offs_d, D, D)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale2
             valid = mrow[:, None] & mk[None, :]
             if st == 1:
                 lk = tl.load(LAB + b * N + offs_k, mask=mk, other=0)
-                ok = (lq[:, None] == 0) | (lk[None, :] == 0) | ((lq[:, None] == lk[None, :]) & (lq[:, None] > 0))
+                ok = _allowed(lq, lk)
                 valid = valid & ok
             s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -75,7 +90,7 @@ def _self_fwd_kernel(Q, K, V, O, LSE, LAB, TABLE, N, H, D, DV, NQB, NKB, scale2,
             p = tl.exp2(s - m_safe[:, None])
             alpha = tl.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + bh * N * DV + offs_k[:, None] * DV + offs_dv[None, :], mask=mk[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            v = _tile(V + bh * N * DV, offs_k, N, offs_dv, DV, DV)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m_i = m_new
     has = l_i > 0
@@ -95,8 +110,8 @@ def _self_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, LAB, TABLE, N, H, D,
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
     mk = offs_k < N
-    k = tl.load(K + bh * N * D + offs_k[:, None] * D + offs_d[None, :], mask=mk[:, None] & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(V + bh * N * DV + offs_k[:, None] * DV + offs_dv[None, :], mask=mk[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    k = _tile(K + bh * N * D, offs_k, N, offs_d, D, D)
+    v = _tile(V + bh * N * DV, offs_k, N, offs_dv, DV, DV)
     lk = tl.load(LAB + b * N + offs_k, mask=mk, other=0)
     dk = tl.zeros([BN, BD], tl.float32)
     dv = tl.zeros([BN, BDV], tl.float32)
@@ -105,15 +120,15 @@ def _self_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, LAB, TABLE, N, H, D,
         if st != 0:
             offs_m = i * BM + offs_m0
             mrow = offs_m < N
-            q = tl.load(Q + bh * N * D + offs_m[:, None] * D + offs_d[None, :], mask=mrow[:, None] & (offs_d[None, :] < D), other=0.0)
-            do = tl.load(DO + bh * N * DV + offs_m[:, None] * DV + offs_dv[None, :], mask=mrow[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            q = _tile(Q + bh * N * D, offs_m, N, offs_d, D, D)
+            do = _tile(DO + bh * N * DV, offs_m, N, offs_dv, DV, DV)
             lse = tl.load(LSE + bh * N + offs_m, mask=mrow, other=float("inf"))
             dl = tl.load(DELTA + bh * N + offs_m, mask=mrow, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale2
             valid = mrow[:, None] & mk[None, :]
             if st == 1:
                 lq = tl.load(LAB + b * N + offs_m, mask=mrow, other=0)
-                ok = (lq[:, None] == 0) | (lk[None, :] == 0) | ((lq[:, None] == lk[None, :]) & (lq[:, None] > 0))
+                ok = _allowed(lq, lk)
                 valid = valid & ok
             p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
             dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
@@ -135,8 +150,8 @@ def _self_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LAB, TABLE, N, H, D, DV, NQ
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
     mrow = offs_m < N
-    q = tl.load(Q + bh * N * D + offs_m[:, None] * D + offs_d[None, :], mask=mrow[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + bh * N * DV + offs_m[:, None] * DV + offs_dv[None, :], mask=mrow[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    q = _tile(Q + bh * N * D, offs_m, N, offs_d, D, D)
+    do = _tile(DO + bh * N * DV, offs_m, N, offs_dv, DV, DV)
     lse = tl.load(LSE + bh * N + offs_m, mask=mrow, other=float("inf"))
     dl = tl.load(DELTA + bh * N + offs_m, mask=mrow, other=0.0)
     lq = tl.load(LAB + b * N + offs_m, mask=mrow, other=0)
@@ -146,13 +161,13 @@ def _self_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LAB, TABLE, N, H, D, DV, NQ
         if st != 0:
             offs_k = j * BN + offs_n
             mk = offs_k < N
-            k = tl.load(K + bh * N * D + offs_k[:, None] * D + offs_d[None, :], mask=mk[:, None] & (offs_d[None, :] < D), other=0.0)
-            v = tl.load(V + bh * N * DV + offs_k[:, None] * DV + offs_dv[None, :], mask=mk[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            k = _tile(K + bh * N * D, offs_k, N, offs_d, D, D)
+            v = _tile(V + bh * N * DV, offs_k, N, offs_dv, DV, DV)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale2
             valid = mrow[:, None] & mk[None, :]
             if st == 1:
                 lk = tl.load(LAB + b * N + offs_k, mask=mk, other=0)
-                ok = (lq[:, None] == 0) | (lk[None, :] == 0) | ((lq[:, None] == lk[None, :]) & (lq[:, None] > 0))
+                ok = _allowed(lq, lk)
                 valid = valid & ok
             p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
@@ -239,7 +254,7 @@ def _cross_fwd_kernel(Q, K, V, O, LSE, REG, N, H, S, L, D, DV, scale2,
     offs_dv = tl.arange(0, BDV)
     mrow = offs_m < N
     ml = offs_l < L
-    q = tl.load(Q + bh * N * D + offs_m[:, None] * D + offs_d[None, :], mask=mrow[:, None] & (offs_d[None, :] < D), other=0.0)
+    q = _tile(Q + bh * N * D, offs_m, N, offs_d, D, D)
     reg = tl.load(REG + b * N + offs_m, mask=mrow, other=0)
     acc = tl.zeros([BM, BDV], tl.float32)
     cnt = tl.zeros([BM], tl.float32)
@@ -248,13 +263,13 @@ def _cross_fwd_kernel(Q, K, V, O, LSE, REG, N, H, S, L, D, DV, scale2,
         act = tl.where(s == 0, reg == 0, ((reg >> sh) & 1) != 0) & mrow
         if tl.max(act.to(tl.int32), 0) > 0:
             base = (bh * S + s) * L
-            k = tl.load(K + (base + offs_l[:, None]) * D + offs_d[None, :], mask=ml[:, None] & (offs_d[None, :] < D), other=0.0)
+            k = _tile(K + base * D, offs_l, L, offs_d, D, D)
             sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale2
             sc = tl.where(ml[None, :], sc, float("-inf"))
             m = tl.max(sc, 1)
             p = tl.exp2(sc - m[:, None])
             l = tl.sum(p, 1)
-            v = tl.load(V + (base + offs_l[:, None]) * DV + offs_dv[None, :], mask=ml[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            v = _tile(V + base * DV, offs_l, L, offs_dv, DV, DV)
             o_s = tl.dot(p.to(v.dtype), v, input_precision=PREC) / l[:, None]
             acc += tl.where(act[:, None], o_s, 0.0)
             cnt += act.to(tl.float32)
@@ -277,8 +292,8 @@ def _cross_bwd_dq_kernel(Q, K, V, DO, LSE, REG, CNT, DQ, N, H, S, L, D, DV, scal
     offs_dv = tl.arange(0, BDV)
     mrow = offs_m < N
     ml = offs_l < L
-    q = tl.load(Q + bh * N * D + offs_m[:, None] * D + offs_d[None, :], mask=mrow[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + bh * N * DV + offs_m[:, None] * DV + offs_dv[None, :], mask=mrow[:, None] & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
+    q = _tile(Q + bh * N * D, offs_m, N, offs_d, D, D)
+    do = _tile(DO + bh * N * DV, offs_m, N, offs_dv, DV, DV).to(tl.float32)
     reg = tl.load(REG + b * N + offs_m, mask=mrow, other=0)
     cnt = tl.load(CNT + b * N + offs_m, mask=mrow, other=1.0)
     dq = tl.zeros([BM, BD], tl.float32)
@@ -287,8 +302,8 @@ def _cross_bwd_dq_kernel(Q, K, V, DO, LSE, REG, CNT, DQ, N, H, S, L, D, DV, scal
         act = tl.where(s == 0, reg == 0, ((reg >> sh) & 1) != 0) & mrow
         if tl.max(act.to(tl.int32), 0) > 0:
             base = (bh * S + s) * L
-            k = tl.load(K + (base + offs_l[:, None]) * D + offs_d[None, :], mask=ml[:, None] & (offs_d[None, :] < D), other=0.0)
-            v = tl.load(V + (base + offs_l[:, None]) * DV + offs_dv[None, :], mask=ml[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            k = _tile(K + base * D, offs_l, L, offs_d, D, D)
+            v = _tile(V + base * DV, offs_l, L, offs_dv, DV, DV)
             lse = tl.load(LSE + (bh * S + s) * N + offs_m, mask=mrow, other=float("inf"))
             sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale2
             p = tl.where(act[:, None] & ml[None, :], tl.exp2(sc - lse[:, None]), 0.0)
@@ -311,8 +326,8 @@ def _cross_bwd_dkdv_kernel(Q, K, V, DO, LSE, REG, CNT, DK, DV_, N, H, S, L, D, D
     offs_dv = tl.arange(0, BDV)
     ml = offs_l < L
     base = (bh * S + s) * L
-    k = tl.load(K + (base + offs_l[:, None]) * D + offs_d[None, :], mask=ml[:, None] & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(V + (base + offs_l[:, None]) * DV + offs_dv[None, :], mask=ml[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    k = _tile(K + base * D, offs_l, L, offs_d, D, D)
+    v = _tile(V + base * DV, offs_l, L, offs_dv, DV, DV)
     dk = tl.zeros([BL, BD], tl.float32)
     dv = tl.zeros([BL, BDV], tl.float32)
     sh = tl.maximum(s - 1, 0)
@@ -322,8 +337,8 @@ def _cross_bwd_dkdv_kernel(Q, K, V, DO, LSE, REG, CNT, DK, DV_, N, H, S, L, D, D
         reg = tl.load(REG + b * N + offs_m, mask=mrow, other=0)
         act = tl.where(s == 0, reg == 0, ((reg >> sh) & 1) != 0) & mrow
         if tl.max(act.to(tl.int32), 0) > 0:
-            q = tl.load(Q + bh * N * D + offs_m[:, None] * D + offs_d[None, :], mask=mrow[:, None] & (offs_d[None, :] < D), other=0.0)
-            do = tl.load(DO + bh * N * DV + offs_m[:, None] * DV + offs_dv[None, :], mask=mrow[:, None] & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
+            q = _tile(Q + bh * N * D, offs_m, N, offs_d, D, D)
+            do = _tile(DO + bh * N * DV, offs_m, N, offs_dv, DV, DV).to(tl.float32)
             cnt = tl.load(CNT + b * N + offs_m, mask=mrow, other=1.0)
             lse = tl.load(LSE + (bh * S + s) * N + offs_m, mask=mrow, other=float("inf"))
             sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale2

@@ -51,6 +51,17 @@ def test_no_regions_equals_generate(pipe):
         assert torch.equal(lat, ref) and info["optimised_steps"] == 0
 
 
+def concept_output(ra, attn, x, r):
+    """Region r's cross-attention output computed by hand: base query, concept K/V/out adapters, own tokens."""
+    name = ra.adapters[r]
+    c = ra._region_context(r, attn.layer_index)
+    q = split_heads(attn.to_q(x), attn.heads)
+    k = split_heads(attn.to_k(c, adapter=(name,)), attn.heads)
+    v = split_heads(attn.to_v(c, adapter=(name,)), attn.heads)
+    o = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, -1) @ v
+    return attn.to_out[0](merge_heads(o), adapter=(name,))
+
+
 def test_cross_attention_outside_is_base_inside_is_concept(pipe, concepts):
     spec = spec_for(concepts, 2)
     prep = prepare(pipe, spec)
@@ -70,13 +81,7 @@ def test_cross_attention_outside_is_base_inside_is_concept(pipe, concepts):
         bg = tr == 0
         torch.testing.assert_close(out[0, bg], base[0, bg], atol=1e-6, rtol=1e-6)
         for r in range(2):
-            name = ra.adapters[r]
-            c = ra._region_context(r, attn.layer_index)
-            q = split_heads(attn.to_q(x), attn.heads)
-            k = split_heads(attn.to_k(c, adapter=(name,)), attn.heads)
-            v = split_heads(attn.to_v(c, adapter=(name,)), attn.heads)
-            o = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, -1) @ v
-            want = attn.to_out[0](merge_heads(o), adapter=(name,))
+            want = concept_output(ra, attn, x, r)
             inside = tr == (1 << r)
             assert inside.sum() > 0
             torch.testing.assert_close(out[0, inside], want[0, inside], atol=1e-5, rtol=1e-5)
@@ -96,15 +101,7 @@ def test_overlap_averages_projected_outputs(pipe, concepts):
         out = ra.cross_attention(attn, x, ctx, (16, 16))
         tr = ra.token_regions((16, 16), x.device)
         both = tr == 3
-        outs = []
-        for r in range(2):
-            name = ra.adapters[r]
-            c = ra._region_context(r, attn.layer_index)
-            q = split_heads(attn.to_q(x), attn.heads)
-            k = split_heads(attn.to_k(c, adapter=(name,)), attn.heads)
-            v = split_heads(attn.to_v(c, adapter=(name,)), attn.heads)
-            o = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, -1) @ v
-            outs.append(attn.to_out[0](merge_heads(o), adapter=(name,)))
+        outs = [concept_output(ra, attn, x, r) for r in range(2)]
         torch.testing.assert_close(out[0, both], ((outs[0] + outs[1]) / 2)[0, both], atol=1e-5, rtol=1e-5)
 
 
