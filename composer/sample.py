@@ -1,9 +1,9 @@
-"""python -m composer.sample — text-to-image and LoRA-Composer composition from the command line.
+r"""python -m composer.sample — text-to-image and LoRA-Composer composition from the command line.
 
     python -m composer.sample --model PATH [--tokenizer PATH] --prompt "a cat" --out cat.png
     python -m composer.sample --model PATH --spec spec.json --out composed.png [--debug-dir DIR]
-    python -m composer.sample --model PATH --prompt "a cat and a dog" --lora cat.pth --lora dog.pth \
-        --regions "[a <cat1> <cat2>]-*-[]-*-[0, 0, 512, 256]|[a <dog1> <dog2>]-*-[]-*-[0, 256, 512, 512]"
+    python -m composer.sample --model PATH --prompt "a cat and a dog" --lora cat.pth --lora dog.pth --regions \
+        "[a <cat1> <cat2>]-*-[]-*-[0, 0, 512, 256]|[a <dog1> <dog2>]-*-[]-*-[0, 256, 512, 512]"
 
 With no ``--model`` (and no prompt or spec) it runs the embedded demo: two random concepts composed on a
 tiny random-weight SD1.5-structured model built in memory — the whole method in seconds (the image is
