@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .layers import Conv2d, Linear
+from .layers import Linear
 from .attention import attention, check_backend, merge_heads, split_heads
 
 

@@ -28,7 +28,7 @@ import torch
 
 from . import convert
 from .checkpoint import CheckpointError, load_pickle, load_safetensors
-from .layers import Adapter, Conv2d, Linear, lora_layers
+from .layers import Adapter, Conv2d, lora_layers
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +299,6 @@ def resolve(raw: RawLoRA, table: dict, *, multiplier: float = 1.0, strict: bool 
         roles = {k: v.float() for k, v in roles.items()}
         alpha = roles.pop("alpha", None)
         alpha = float(alpha) if alpha is not None else None
-        src = f"{name} ({raw.path})"
         if any(k.startswith(("hada_", "lokr_")) for k in roles):
             if not check_shapes:
                 raise CheckpointError(f"{raw.path}: {name} is LoHa/LoKr; only plain LoRA/LoCon convert")

@@ -123,7 +123,7 @@ def _demo_spec(tmp: str, pipe) -> dict:
 
 def main(argv=None) -> int:
     import tempfile
-    from .compose import ComposeSpec, compose, parse_region_string
+    from .compose import ComposeSpec, parse_region_string
     a = build_parser().parse_args(argv)
     if a.jobs:
         return _run_jobs(a)

@@ -14,7 +14,7 @@ import logging
 import os
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 log = logging.getLogger(__name__)
 

@@ -42,11 +42,8 @@ def resolve_backend(backend: str, device) -> str:
 
 
 def _triton_ok() -> bool:
-    try:
-        import triton  # noqa: F401
-        return True
-    except ImportError:
-        return False
+    import importlib.util
+    return importlib.util.find_spec("triton") is not None
 
 
 def _require_triton_runtime(q):

@@ -17,7 +17,6 @@ here; the public wrapper routes them to the reference formula.
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch

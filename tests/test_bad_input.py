@@ -152,3 +152,17 @@ def test_single_file_needs_tokenizer(ldm_file):
 def test_empty_prompt_list(our_pipe):
     with pytest.raises(ValueError, match="empty prompt list"):
         our_pipe.encode_prompt([])
+
+
+@pytest.mark.parametrize("change,msg", [({"use_linear_projection": True}, "SD2.x"), ({"in_channels": 9}, "inpainting"),
+                                        ({"addition_embed_type": "text_time"}, "SDXL")])
+def test_non_sd1_diffusers_folders_are_refused(ref_pipe_dir, tmp_path, change, msg):
+    import json
+    import shutil
+    d = tmp_path / "m"
+    shutil.copytree(ref_pipe_dir, d)
+    cfg = json.loads((d / "unet" / "config.json").read_text())
+    cfg.update(change)
+    (d / "unet" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=msg):
+        composer.load(str(d))

@@ -8,7 +8,6 @@ import torch
 from PIL import Image
 
 import composer
-import kernels
 from composer.attention import merge_heads, split_heads
 from composer.compose import ComposeSpec, compose, compose_latents, parse_region_string, prepare
 from composer.tiny import random_edlora

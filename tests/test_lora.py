@@ -1,7 +1,6 @@
 """LoRA loading: PEFT files made by diffusers+peft and the same deltas in kohya form against diffusers'
 ``load_lora_weights``; ED-LoRA (both key styles) against a hand-built reference; merge vs live; bad input."""
 import os
-import pickle
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 import composer
 from composer.checkpoint import CheckpointError
-from conftest import max_rel_err, perturb
+from conftest import max_rel_err
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.0.proj", "ff.net.2", "conv1", "time_emb_proj"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]

@@ -4,7 +4,6 @@ import os
 import sys
 import types
 
-import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
