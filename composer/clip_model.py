@@ -93,10 +93,14 @@ class CLIPModel(nn.Module):
 
     @classmethod
     def load(cls, path: str, dtype=torch.float32, device="cpu") -> "CLIPModel":
-        """A transformers ``CLIPModel`` folder (config.json + model.safetensors / pytorch_model.bin)."""
+        """A transformers ``CLIPModel`` folder (config.json + model.safetensors / pytorch_model.bin), or open_clip
+        weights (a file, or a folder holding open_clip_model.safetensors / open_clip_pytorch_model.bin)."""
         from .loading import _read_component
+        oc = _open_clip_file(path)
+        if oc:
+            return _load_open_clip(cls, oc, dtype, device)
         if not os.path.isfile(os.path.join(path, "config.json")):
-            raise CheckpointError(f"{path}: not a CLIP model folder (config.json missing)")
+            raise CheckpointError(f"{path}: not a CLIP model folder (no config.json) nor open_clip weights")
         cfg = read_json(os.path.join(path, "config.json"))
         tcfg = CLIPTextConfig.from_transformers(cfg.get("text_config", {}))
         vcfg = CLIPVisionConfig.from_transformers(cfg.get("vision_config", {}))
@@ -125,3 +129,77 @@ def preprocess(images, size: int = 224) -> torch.Tensor:
         a = (a - np.array(MEAN, dtype=np.float32)) / np.array(STD, dtype=np.float32)
         out.append(torch.from_numpy(a).permute(2, 0, 1))
     return torch.stack(out)
+
+
+# --- open_clip layout ----------------------------------------------------------------------------------------
+
+def _open_clip_file(path: str):
+    if os.path.isfile(path):
+        return path
+    for n in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+        if os.path.isfile(os.path.join(path, n)):
+            return os.path.join(path, n)
+    return None
+
+
+def open_clip_to_ours(sd: dict) -> dict:
+    """Rename open_clip / OpenAI CLIP tensors to our (transformers) names: fused in_proj split into q/k/v,
+    projections transposed (open_clip multiplies x @ proj)."""
+    out = {}
+
+    def block(src, dst):
+        for k, v in sd.items():
+            if not k.startswith(src):
+                continue
+            i, rest = k[len(src):].split(".", 1)
+            b = f"{dst}{i}."
+            if rest.startswith("attn.in_proj_"):
+                for n, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, 0)):
+                    out[b + f"self_attn.{n}.{rest.rsplit('_', 1)[1]}"] = part
+            else:
+                rest = (rest.replace("attn.out_proj", "self_attn.out_proj").replace("ln_1", "layer_norm1")
+                        .replace("ln_2", "layer_norm2").replace("mlp.c_fc", "mlp.fc1").replace("mlp.c_proj", "mlp.fc2"))
+                out[b + rest] = v
+    block("transformer.resblocks.", "text_model.encoder.layers.")
+    block("visual.transformer.resblocks.", "vision_model.encoder.layers.")
+    table = {"token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+             "positional_embedding": "text_model.embeddings.position_embedding.weight",
+             "ln_final.weight": "text_model.final_layer_norm.weight", "ln_final.bias": "text_model.final_layer_norm.bias",
+             "visual.class_embedding": "vision_model.embeddings.class_embedding",
+             "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+             "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+             "visual.ln_pre.weight": "vision_model.pre_layrnorm.weight", "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
+             "visual.ln_post.weight": "vision_model.post_layernorm.weight",
+             "visual.ln_post.bias": "vision_model.post_layernorm.bias", "logit_scale": "logit_scale"}
+    for k, v in sd.items():
+        if k in table:
+            out[table[k]] = v
+    out["text_projection.weight"] = sd["text_projection"].T
+    out["visual_projection.weight"] = sd["visual.proj"].T
+    used = set(table) | {"text_projection", "visual.proj", "attn_mask"}
+    left = [k for k in sd if k not in used and not k.startswith(("transformer.resblocks.", "visual.transformer.resblocks."))]
+    if left:
+        raise CheckpointError(f"open_clip weights: unexpected tensors {left[:5]} (not an OpenAI-style ViT CLIP?)")
+    return out
+
+
+def _load_open_clip(cls, path: str, dtype, device) -> "CLIPModel":
+    from .checkpoint import read_weights
+    sd, _ = read_weights(path)
+    if "visual.conv1.weight" not in sd or "text_projection" not in sd:
+        raise CheckpointError(f"{path}: not open_clip CLIP weights (visual.conv1.weight / text_projection missing)")
+    n_text = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer.resblocks."))
+    n_vis = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("visual.transformer.resblocks."))
+    tw, vw = sd["token_embedding.weight"].shape[1], sd["visual.conv1.weight"].shape[0]
+    patch = sd["visual.conv1.weight"].shape[-1]
+    grid = int(round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5))
+    tcfg = CLIPTextConfig(vocab_size=sd["token_embedding.weight"].shape[0], hidden_size=tw,
+                          intermediate_size=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                          num_hidden_layers=n_text, num_attention_heads=max(1, tw // 64),
+                          max_position_embeddings=sd["positional_embedding"].shape[0])
+    vcfg = CLIPVisionConfig(hidden_size=vw, intermediate_size=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                            num_hidden_layers=n_vis, num_attention_heads=max(1, vw // 64), image_size=grid * patch,
+                            patch_size=patch)
+    with torch.device("meta"):
+        m = cls(tcfg, vcfg, sd["text_projection"].shape[1])
+    return strict_load(m, open_clip_to_ours(sd), path, dtype=dtype, device=device).eval()

@@ -108,3 +108,65 @@ def test_evaluate_end_to_end_on_a_batch(clip_dir, tmp_path):
     for k in ("I", "I_first", "T"):
         assert rows[0][k] == pytest.approx(want[k], abs=1e-6)
     assert summary["I"] == pytest.approx(want["I"])
+
+
+def _openclip_reference(sd, ids, px):
+    """An independent OpenAI-CLIP forward written directly on open_clip's tensors (fused in_proj, x @ proj)."""
+    import torch.nn.functional as F
+
+    def resblocks(x, prefix, heads, causal):
+        n = 1 + max(int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix))
+        L = x.shape[0]
+        mask = torch.full((L, L), float("-inf")).triu(1) if causal else None
+        for i in range(n):
+            p = f"{prefix}{i}."
+            h = F.layer_norm(x, x.shape[-1:], sd[p + "ln_1.weight"], sd[p + "ln_1.bias"])
+            a, _ = F.multi_head_attention_forward(h, h, h, x.shape[-1], heads, sd[p + "attn.in_proj_weight"],
+                                                  sd[p + "attn.in_proj_bias"], None, None, False, 0.0,
+                                                  sd[p + "attn.out_proj.weight"], sd[p + "attn.out_proj.bias"],
+                                                  need_weights=False, attn_mask=mask)
+            x = x + a
+            h = F.layer_norm(x, x.shape[-1:], sd[p + "ln_2.weight"], sd[p + "ln_2.bias"])
+            h = F.linear(h, sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_fc.bias"])
+            x = x + F.linear(h * torch.sigmoid(1.702 * h), sd[p + "mlp.c_proj.weight"], sd[p + "mlp.c_proj.bias"])
+        return x
+    # text: [L, B, C] as in OpenAI CLIP
+    x = (sd["token_embedding.weight"][ids] + sd["positional_embedding"]).permute(1, 0, 2)
+    x = resblocks(x, "transformer.resblocks.", sd["token_embedding.weight"].shape[1] // 64 or 1, True).permute(1, 0, 2)
+    x = F.layer_norm(x, x.shape[-1:], sd["ln_final.weight"], sd["ln_final.bias"])
+    text = x[torch.arange(len(ids)), ids.argmax(-1)] @ sd["text_projection"]
+    v = F.conv2d(px, sd["visual.conv1.weight"], stride=sd["visual.conv1.weight"].shape[-1]).flatten(2).transpose(1, 2)
+    v = torch.cat([sd["visual.class_embedding"].expand(len(px), 1, -1), v], 1) + sd["visual.positional_embedding"]
+    v = F.layer_norm(v, v.shape[-1:], sd["visual.ln_pre.weight"], sd["visual.ln_pre.bias"]).permute(1, 0, 2)
+    v = resblocks(v, "visual.transformer.resblocks.", sd["visual.conv1.weight"].shape[0] // 64 or 1, False).permute(1, 0, 2)
+    img = F.layer_norm(v[:, 0], v.shape[-1:], sd["visual.ln_post.weight"], sd["visual.ln_post.bias"]) @ sd["visual.proj"]
+    return img, text
+
+
+def test_open_clip_layout(tmp_path):
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.05
+    tw, vw, p = 128, 128, 16
+    sd = {"token_embedding.weight": r(49408, tw), "positional_embedding": r(77, tw), "ln_final.weight": 1 + r(tw),
+          "ln_final.bias": r(tw), "text_projection": r(tw, p), "logit_scale": torch.tensor(4.6),
+          "visual.class_embedding": r(vw), "visual.positional_embedding": r(50, vw), "visual.conv1.weight": r(vw, 3, 32, 32),
+          "visual.ln_pre.weight": 1 + r(vw), "visual.ln_pre.bias": r(vw), "visual.ln_post.weight": 1 + r(vw),
+          "visual.ln_post.bias": r(vw), "visual.proj": r(vw, p)}
+    for pre, w in (("transformer.resblocks.", tw), ("visual.transformer.resblocks.", vw)):
+        for i in range(2):
+            b = f"{pre}{i}."
+            sd.update({b + "ln_1.weight": 1 + r(w), b + "ln_1.bias": r(w), b + "attn.in_proj_weight": r(3 * w, w),
+                       b + "attn.in_proj_bias": r(3 * w), b + "attn.out_proj.weight": r(w, w), b + "attn.out_proj.bias": r(w),
+                       b + "ln_2.weight": 1 + r(w), b + "ln_2.bias": r(w), b + "mlp.c_fc.weight": r(4 * w, w),
+                       b + "mlp.c_fc.bias": r(4 * w), b + "mlp.c_proj.weight": r(w, 4 * w), b + "mlp.c_proj.bias": r(w)})
+    f = tmp_path / "open_clip_model.safetensors"
+    save_file(sd, str(f))
+    m = CLIPModel.load(str(tmp_path))
+    ids = torch.full((2, 77), 0, dtype=torch.long)
+    ids[:, 0], ids[0, 1:4], ids[0, 4], ids[1, 1], ids[1, 2] = 49406, torch.tensor([320, 1125, 539]), 49407, 2368, 49407
+    px = torch.randn(2, 3, 224, 224, generator=g)
+    with torch.no_grad():
+        ri, rt = _openclip_reference(sd, ids, px)
+        torch.testing.assert_close(m.image_features(px), ri, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(m.text_features(ids), rt, atol=1e-4, rtol=1e-4)
