@@ -170,3 +170,29 @@ def test_open_clip_layout(tmp_path):
         ri, rt = _openclip_reference(sd, ids, px)
         torch.testing.assert_close(m.image_features(px), ri, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(m.text_features(ids), rt, atol=1e-4, rtol=1e-4)
+
+
+def test_evaluate_cli_writes_csv_and_markdown(clip_dir, tmp_path):
+    from composer.evaluate import main
+    res, refs = tmp_path / "res", tmp_path / "refs"
+    (res / "s").mkdir(parents=True)
+    (refs / "dog").mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(res / "s" / "3.png")
+    json.dump({"seed": 3, "spec": {"height": 64, "width": 64, "regions": [
+        {"prompt": "a <dog1> <dog2>", "box": [0, 0, 1, 1], "lora": "dog.safetensors"}]}}, open(res / "s" / "3.json", "w"))
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(refs / "dog" / "a.png")
+    assert main(["--results", str(res), "--refs", str(refs), "--clip", clip_dir, "--device", "cpu"]) == 0
+    rows = (res / "clip_scores.csv").read_text().splitlines()
+    assert rows[0] == "job,seed,region,concept,class,I,I_first,T" and rows[1].startswith("s,3,0,dog,dog,")
+    assert "| **mean** |" in (res / "clip_scores.md").read_text()
+
+
+def test_evaluate_missing_references(clip_dir, tmp_path):
+    res = tmp_path / "res"
+    (res / "s").mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(res / "s" / "0.png")
+    json.dump({"seed": 0, "spec": {"height": 64, "width": 64, "regions": [
+        {"prompt": "x", "box": [0, 0, 1, 1], "lora": "owl.pth"}]}}, open(res / "s" / "0.json", "w"))
+    with pytest.raises(FileNotFoundError, match="no reference images for concept 'owl'"):
+        evaluate(str(res), str(tmp_path / "refs"), clip_dir)

@@ -104,3 +104,30 @@ def test_ckpt_with_lightning_callback(ldm_file, our_pipe, tokenizer_dir, tmp_pat
     for comp, ours in (("unet", our_pipe.unet), ("vae", our_pipe.vae), ("text_encoder", our_pipe.text_encoder)):
         a, b = models[comp].state_dict(), ours.state_dict()
         assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_folder_with_bin_and_sharded_components(ref_pipe_dir, our_pipe, tmp_path):
+    """A component stored as a pickled .bin (read with weights_only) and one split into safetensors shards."""
+    import shutil
+    d = tmp_path / "m"
+    shutil.copytree(ref_pipe_dir, d)
+    te = d / "text_encoder" / "model.safetensors"
+    torch.save(load_file(str(te)), str(d / "text_encoder" / "pytorch_model.bin"))
+    te.unlink()
+    u = d / "unet" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(str(u))
+    keys = sorted(sd)
+    half = len(keys) // 2
+    wm = {}
+    for i, part in enumerate((keys[:half], keys[half:])):
+        name = f"diffusion_pytorch_model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: sd[k] for k in part}, str(d / "unet" / name))
+        wm.update({k: name for k in part})
+    (d / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+    u.unlink()
+    p = composer.load(str(d))
+    x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
+    ids = our_pipe.tokenizer(["a cat"])
+    with torch.no_grad():
+        assert torch.equal(p.unet(x, 5, ctx), our_pipe.unet(x, 5, ctx))
+        assert torch.equal(p.text_encoder(ids), our_pipe.text_encoder(ids))
