@@ -36,7 +36,7 @@ class RegionAttention:
         self.store = False
         self.want_self_maps = isolate  # L_region reads S; set by the caller when the region loss is on
         self.cross_maps, self.self_maps = {}, {}
-        self._tr, self._lora = {}, {}
+        self._tr, self._any, self._lora = {}, {}, {}
 
     @property
     def n(self) -> int:
@@ -59,6 +59,7 @@ class RegionAttention:
             for r in range(self.n):
                 tr |= self.region_mask(r, h, w, device).flatten().long() << r
             self._tr[key] = tr
+            self._any[key] = bool(tr.any())  # one host sync per level, not per layer call
         return self._tr[key]
 
     def out_lora(self, attn, dtype, device):
@@ -100,11 +101,12 @@ class RegionAttention:
     def self_attention(self, attn, x, hw):
         q, k, v = (split_heads(p(x), attn.heads) for p in (attn.to_q, attn.to_k, attn.to_v))
         tr = self.token_regions(hw, x.device)
+        boxed = self._any[(tuple(hw), str(x.device))]
         if self.store and self.want_self_maps and tuple(hw) == self.analysis_hw:
             o, p = kernels.isolated_self_attention_ref(q, k, v, tr if self.isolate else torch.zeros_like(tr),
                                                        return_probs=True)
             self.self_maps[attn.layer_index] = p.mean(1)  # [B, N, N], head-averaged, masked when isolating
-        elif not self.isolate or not bool(tr.any()):
+        elif not self.isolate or not boxed:
             o = attention(q, k, v, backend=self.plain_backend)
         else:
             o = kernels.isolated_self_attention(q, k, v, tr, backend=self.backend)

@@ -60,25 +60,44 @@ def _check(q, token_regions):
         raise TypeError(f"token_regions must be int64 bitmasks, got {token_regions.dtype}")
 
 
+_PLANS: dict = {}
+
+
+def _self_plan(r: torch.Tensor, b: int, n: int, block: int):
+    """Region-major permutation, sorted labels, tile table and fully blocked rows for one layout. Static per
+    (level, boxes), so cached: the sort and the table are built once, not in each of the 16 layers' calls."""
+    key = (r.data_ptr(), r._version, tuple(r.shape), str(r.device), b, block)
+    plan = _PLANS.get(key)
+    if plan is None:
+        from .triton_attention import block_table
+        rb = (r if r.ndim == 2 else r[None].expand(b, n)).to(torch.int64)
+        lab = labels(rb)
+        keyv = torch.where(lab < 0, torch.full_like(lab, 2 ** 62), lab)
+        perm = keyv.argsort(dim=1, stable=True)
+        lab_s = lab.gather(1, perm).contiguous()
+        blocked = (lab < 0) & ~(lab == 0).any(1, keepdim=True)  # overlap rows at a level with no background
+        plan = (r, perm, perm.argsort(dim=1), lab_s, block_table(lab_s, block), blocked, bool(blocked.any()))
+        if len(_PLANS) >= 32:
+            _PLANS.pop(next(iter(_PLANS)))
+        _PLANS[key] = plan  # holds r, so its storage (and data_ptr) cannot be reused while cached
+    return plan[1:]
+
+
 def _self_triton(q, k, v, r, scale):
-    from .triton_attention import isolated_self_attention_sorted
+    from .triton_attention import _SelfAttn, default_block
     _require_triton_runtime(q)
     b, h, n, d = q.shape
-    r = (r if r.ndim == 2 else r[None].expand(b, n)).to(torch.int64)
-    lab = labels(r)
-    key = torch.where(lab < 0, torch.full_like(lab, 2 ** 62), lab)
-    perm = key.argsort(dim=1, stable=True)
-    inv = perm.argsort(dim=1)
+    block = default_block(max(d, v.shape[-1]))
+    perm, inv, lab_s, table, blocked, any_blocked = _self_plan(r, b, n, block)
 
     def gather(x, idx):
         return x.gather(2, idx[:, None, :, None].expand(x.shape[0], x.shape[1], n, x.shape[3]))
-    o = isolated_self_attention_sorted(gather(q, perm), gather(k, perm), gather(v, perm), lab.gather(1, perm),
-                                       scale=scale)
+    o = _SelfAttn.apply(gather(q, perm), gather(k, perm), gather(v, perm), lab_s, table, scale, block)
     o = gather(o, inv)
-    blocked = (lab < 0) & ~(lab == 0).any(1, keepdim=True)  # overlap rows at a level with no background
-    if bool(blocked.any()):
+    if any_blocked:
         from .segmented import _self_one
-        fixed = torch.stack([_self_one(q[i:i + 1], k[i:i + 1], v[i:i + 1], r[i], scale)[0] for i in range(b)])
+        rb = r if r.ndim == 2 else r[None].expand(b, n)
+        fixed = torch.stack([_self_one(q[i:i + 1], k[i:i + 1], v[i:i + 1], rb[i], scale)[0] for i in range(b)])
         o = torch.where(blocked[:, None, :, None], fixed, o)
     return o
 

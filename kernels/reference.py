@@ -13,13 +13,13 @@ import torch
 
 
 def popcount(x: torch.Tensor) -> torch.Tensor:
-    """Bits set in each int64 (regions are < 63, so the sign bit is never used)."""
-    x = x.clone()
-    c = torch.zeros_like(x)
-    while bool((x != 0).any()):
-        c += x & 1
-        x = x >> 1
-    return c
+    """Bits set in each int64 (SWAR bit counting: four elementwise steps, no host sync). Region masks use bits
+    0..61, so the sign bit is never set and the final arithmetic shift is exact."""
+    x = x.to(torch.int64)
+    x = x - ((x >> 1) & 0x5555555555555555)
+    x = (x & 0x3333333333333333) + ((x >> 2) & 0x3333333333333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0F
+    return (x * 0x0101010101010101) >> 56  # the top byte holds the count (int64 multiply wraps)
 
 
 def isolation_cost(rq: torch.Tensor, rk: torch.Tensor) -> torch.Tensor:

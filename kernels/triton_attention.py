@@ -233,7 +233,8 @@ class _SelfAttn(torch.autograd.Function):
 
 
 def isolated_self_attention_sorted(q, k, v, lab_sorted, *, scale, block=None):
-    """Kernel entry on region-sorted tokens. lab_sorted [B, N] int64 labels (0 / single bitmask / −1)."""
+    """Kernel entry on region-sorted tokens. lab_sorted [B, N] int64 labels (0 / single bitmask / −1).
+    (kernels.isolated_self_attention sorts, caches the tile table per layout and handles blocked rows.)"""
     block = block or default_block(max(q.shape[-1], v.shape[-1]))
     table = block_table(lab_sorted, block)
     return _SelfAttn.apply(q, k, v, lab_sorted.contiguous(), table, scale, block)
