@@ -40,29 +40,37 @@ def peft_lora(ref_pipe_dir, tmp_path_factory):
     return str(d / "pytorch_lora_weights.safetensors")
 
 
-@pytest.fixture(scope="module")
-def kohya_lora(peft_lora, tmp_path_factory):
-    """The same deltas in kohya naming (alpha/rank scale), some UNet modules in the LDM spelling."""
+def peft_modules(peft_lora):
+    """(namespace, module path, down, up, alpha) for each module of the diffusers+peft file (per-module alpha:
+    the fixture's alpha_pattern gives to_k alpha 2)."""
     from safetensors import safe_open
     import json
     sd = load_file(peft_lora)
     with safe_open(peft_lora, "pt") as f:
         meta = json.loads(f.metadata()["lora_adapter_metadata"])
-    out = {}
-    for k, v in sd.items():
+    for k, down in sd.items():
         if ".lora_A." not in k:
             continue
         mod = k[: k.index(".lora_A.")]
         ns, path = mod.split(".", 1)
-        up = sd[mod + ".lora_B.weight"]
         if ns == "unet":
             alpha = 2.0 if path.endswith("to_k") else meta["unet.lora_alpha"]
+        else:
+            alpha = meta["text_encoder.lora_alpha"]
+        yield ns, path, down, sd[mod + ".lora_B.weight"], alpha
+
+
+@pytest.fixture(scope="module")
+def kohya_lora(peft_lora, tmp_path_factory):
+    """The same deltas in kohya naming (alpha/rank scale), some UNet modules in the LDM spelling."""
+    out = {}
+    for ns, path, v, up, alpha in peft_modules(peft_lora):
+        if ns == "unet":
             if path.startswith("down_blocks.0.attentions.0."):  # LDM spelling: input_blocks.1.1
                 name = "lora_unet_" + ("input_blocks.1.1." + path[len("down_blocks.0.attentions.0."):]).replace(".", "_")
             else:
                 name = "lora_unet_" + path.replace(".", "_")
         else:
-            alpha = meta["text_encoder.lora_alpha"]
             name = "lora_te_text_model_" + path.replace(".", "_")
         out[name + ".lora_down.weight"] = v
         out[name + ".lora_up.weight"] = up
@@ -452,30 +460,17 @@ def test_cli_lora_flag(ref_pipe_dir, kohya_lora, tmp_path):
 
 def test_old_diffusers_attn_procs_spelling(ref_pipe_dir, peft_lora, ref_with_lora, tmp_path):
     """The same deltas as old attn-procs keys (…processor.to_q_lora.down.weight, to_out_lora, lora_linear_layer)."""
-    from safetensors import safe_open
-    import json as _json
-    sd = load_file(peft_lora)
-    with safe_open(peft_lora, "pt") as f:
-        meta = _json.loads(f.metadata()["lora_adapter_metadata"])
     out = {}
-    for k, v in sd.items():
-        if ".lora_A." not in k:
-            continue
-        mod = k[: k.index(".lora_A.")]
-        ns, path = mod.split(".", 1)
-        up = sd[mod + ".lora_B.weight"]
+    for ns, path, v, up, alpha in peft_modules(peft_lora):
+        up = up * (alpha / up.shape[1])  # old files carry no alpha: fold the scale in
         if ns == "unet":
             if not any(path.endswith(t) for t in ("to_q", "to_k", "to_v", "to_out.0")):
                 continue
-            alpha = 2.0 if path.endswith("to_k") else meta["unet.lora_alpha"]
-            up = up * (alpha / up.shape[1])  # old files carry no alpha: fold the scale in
             blk, _, proj = path.rpartition(".") if not path.endswith("to_out.0") else (path[:-len(".to_out.0")], "", "to_out")
             name = f"unet.{blk}.processor.{proj}_lora"
-            out[name + ".down.weight"], out[name + ".up.weight"] = v, up
         else:
-            up = up * (meta["text_encoder.lora_alpha"] / up.shape[1])
             name = f"text_encoder.text_model.{path}.lora_linear_layer"
-            out[name + ".down.weight"], out[name + ".up.weight"] = v, up
+        out[name + ".down.weight"], out[name + ".up.weight"] = v, up
     f = tmp_path / "old.safetensors"
     save_file(out, str(f))
     pipe = composer.load(ref_pipe_dir)
