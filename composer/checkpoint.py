@@ -155,6 +155,22 @@ def _diff_message(source, missing, unexpected, shapes):
     return "\n".join(lines)
 
 
+ALIGNMENT = 64  # bytes: what torch's CPU allocator guarantees, and what vectorised CPU kernels assume
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or an aligned copy of it when its data is not on a 64-byte boundary.
+
+    Tensors memory-mapped from a file start wherever the file's header left them (a safetensors header has
+    any length), and CPU kernels (oneDNN, the vectorised GEMM and conv paths) take different code paths,
+    with different rounding, depending on the address. Copying only the misaligned tensors keeps loading
+    at about one copy of the weights while making results independent of the file's byte layout.
+    """
+    if t.device.type == "cpu" and t.numel() and t.data_ptr() % ALIGNMENT:
+        return t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
 def strict_load(model: nn.Module, sd: dict, source: str, *, dtype=None, device="cpu", names: dict | None = None):
     """Assign ``sd`` into a (meta-device) ``model``; every model key filled, every file key used.
 
@@ -181,7 +197,7 @@ def strict_load(model: nn.Module, sd: dict, source: str, *, dtype=None, device="
                 continue
         if t.dtype not in FLOAT_DTYPES:
             raise CheckpointError(f"{source}: {fk} has dtype {t.dtype}, expected a float tensor")
-        out[k] = t.to(device=device, dtype=dtype or t.dtype)
+        out[k] = aligned(t.to(device=device, dtype=dtype or t.dtype))
     if missing or unexpected or shapes:
         raise CheckpointError(_diff_message(source, missing, unexpected, shapes))
     model.load_state_dict(out, strict=True, assign=True)

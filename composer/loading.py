@@ -186,8 +186,8 @@ def load(path, *, dtype=torch.float32, device="cpu", tokenizer=None, attention: 
     """Load an SD1.x model: a diffusers folder or a single ``.safetensors``/``.ckpt`` file.
 
     ``dtype=None`` keeps each tensor's stored dtype (for conversions).
-    ``tokenizer``: tokenizer files (a folder, tokenizer.json or the BPE .txt.gz); a diffusers folder's own
-    ``tokenizer/`` is used when not given. ``vae_dtype`` defaults to fp32 (fp16 VAEs overflow, formats.md §7).
+    ``tokenizer``: tokenizer files (a folder, tokenizer.json or the BPE .txt.gz) to override the default: a
+    diffusers folder's own ``tokenizer/``, else SD1.x's CLIP vocabulary shipped with the package. ``vae_dtype`` defaults to fp32 (fp16 VAEs overflow, formats.md §7).
     """
     from .pipeline import Pipeline
     path = os.fspath(path)
@@ -201,10 +201,8 @@ def load(path, *, dtype=torch.float32, device="cpu", tokenizer=None, attention: 
     else:
         models, scfg = load_single_file(path, dtype=dtype, device=device, backend=attention, use_ema=use_ema)
         tok_src = tokenizer
-    if tok_src is None:
-        raise ValueError(f"{path}: a single-file checkpoint carries no tokenizer; pass tokenizer=PATH "
-                         "(a diffusers tokenizer/ folder, a tokenizer.json, or bpe_simple_vocab_16e6.txt.gz)")
-    tok = CLIPTokenizer.from_file(tok_src)
+    # a single file carries no tokenizer: SD1.x's own CLIP vocabulary ships with the package
+    tok = CLIPTokenizer.from_file(tok_src) if tok_src is not None else CLIPTokenizer.default()
     vae = models["vae"] if vae_dtype is None else models["vae"].to(dtype=vae_dtype)
     return Pipeline(models["unet"].eval(), models["text_encoder"].eval(), vae.eval(), tok, scfg,
                     dtype=dtype, device=torch.device(device))

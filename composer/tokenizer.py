@@ -3,15 +3,19 @@
 49408 ids: 256 byte symbols, the same with ``</w>``, one per merge, then BOS 49406 and EOS 49407.
 Framing: ``[BOS] + ids[:75] + [EOS]``, padded with EOS to 77, no attention mask. Normalisation is
 HF-fast's (NFC, collapse whitespace, lowercase; no ftfy). Loads from a diffusers ``tokenizer/`` folder
-(vocab.json + merges.txt), a ``tokenizer.json``, or open_clip's ``bpe_simple_vocab_16e6.txt.gz``.
+(vocab.json + merges.txt), a ``tokenizer.json``, or open_clip's ``bpe_simple_vocab_16e6.txt.gz``; with no
+files given, from the copy of that BPE file shipped in the package (``composer/data/clip/``, MIT, from
+OpenAI's CLIP as distributed by open_clip), so single-file checkpoints need no tokenizer argument.
 Pseudo-words (``<name1>``) are added as whole tokens so the pre-tokenizer never splits them.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import logging
 import os
+import pathlib
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
@@ -19,6 +23,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 log = logging.getLogger(__name__)
 
 BOS, EOS, MAX_LEN = 49406, 49407, 77
+PACKAGED_BPE = pathlib.Path(__file__).resolve().parent / "data" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
 _PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
@@ -37,12 +42,21 @@ def bytes_to_unicode() -> dict:
 
 def _vocab_from_bpe_gz(path: str):
     """Rebuild (vocab, merges) from the raw merges file: lines 1..48894 are the merges (formats.md §4)."""
+    n = 49152 - 256 - 2  # merges used by CLIP; the file holds many more that are never read
     with gzip.open(path, "rt", encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    merges = [tuple(m.split()) for m in lines[1: 49152 - 256 - 2 + 1]]
+        f.readline()  # header
+        merges = [tuple(f.readline().split()) for _ in range(n)]
     symbols = list(bytes_to_unicode().values())
     words = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
     return {w: i for i, w in enumerate(words)}, merges
+
+
+@functools.lru_cache(maxsize=1)
+def _packaged_vocab():
+    if not PACKAGED_BPE.exists():
+        raise FileNotFoundError(f"the packaged CLIP vocabulary is missing ({PACKAGED_BPE}): a broken install? "
+                                "Reinstall composer, or pass --tokenizer PATH")
+    return _vocab_from_bpe_gz(str(PACKAGED_BPE))
 
 
 def _read_merges_txt(path: str):
@@ -77,6 +91,13 @@ class CLIPTokenizer:
         tok.post_processor = None
         tok.no_padding()
         tok.no_truncation()
+
+    @classmethod
+    def default(cls) -> "CLIPTokenizer":
+        """SD1.x's tokenizer (openai/clip-vit-large-patch14) from the BPE file shipped in the package. Each call
+        returns a fresh tokenizer (pseudo-words added to one never leak into another); the parsed file is cached."""
+        vocab, merges = _packaged_vocab()
+        return cls(_build(vocab, merges), "packaged SD1 CLIP vocabulary")
 
     @classmethod
     def from_file(cls, path: str) -> "CLIPTokenizer":

@@ -1,5 +1,6 @@
 """Shared fixtures: reference models built by diffusers/transformers (test-only) and saved the way those
-libraries save them, plus the CLIP merges file from ../shared (never committed into the project)."""
+libraries save them. Everything a test reads lives in the repository: the CLIP vocabulary shipped in the
+package (composer/data/clip/) and the official method vectors (tests/data/method_vectors/)."""
 import os
 import pathlib
 import warnings
@@ -21,9 +22,8 @@ import pytest
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED = pathlib.Path(os.environ.get("COMPOSER_SHARED", ROOT.parent / "shared"))
-BPE = SHARED / "data" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
-METHOD_VECTORS = SHARED / "data" / "method_vectors"
+BPE = ROOT / "composer" / "data" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
+METHOD_VECTORS = ROOT / "tests" / "data" / "method_vectors"
 
 
 def pytest_configure(config):
@@ -38,8 +38,7 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def bpe_path():
-    if not BPE.exists():
-        pytest.fail(f"CLIP merges file missing: {BPE} (set COMPOSER_SHARED to the shared/ folder)")
+    assert BPE.exists(), f"the packaged CLIP vocabulary is missing: {BPE}"
     return str(BPE)
 
 
