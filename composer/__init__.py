@@ -4,9 +4,10 @@
     img = pipe.generate("a red fox in snow", seed=7)          # text to image
     img = composer.compose(pipe, {"prompt": ..., "regions": [...]})   # multi-concept composition
 """
+__version__ = "0.1.0"  # first: submodules record it in image metadata
+
 from .compose import ComposeSpec, Region, compose, compose_latents
 from .loading import load
 from .pipeline import Pipeline
 
 __all__ = ["load", "Pipeline", "compose", "compose_latents", "ComposeSpec", "Region"]
-__version__ = "0.1.0"

@@ -19,6 +19,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 BACKENDS = ("math", "sdpa", "auto", "triton", "flex")
 
@@ -61,12 +62,10 @@ def attention(q, k, v, *, backend: str, bias=None, causal=False, scale=None):
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, N, H·D) -> (B, H, N, D)."""
-    b, n, c = x.shape
-    return x.view(b, n, heads, c // heads).transpose(1, 2)
+    """(B, N, H·D) -> (B, H, N, D), a view."""
+    return rearrange(x, "b n (h d) -> b h n d", h=heads)
 
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """(B, H, N, D) -> (B, N, H·D)."""
-    b, h, n, d = x.shape
-    return x.transpose(1, 2).reshape(b, n, h * d)
+    return rearrange(x, "b h n d -> b n (h d)")

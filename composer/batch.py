@@ -1,11 +1,14 @@
 """Scripted runs at scale: ``python -m composer.sample --jobs jobs.jsonl --out-dir DIR``.
 
-- Each line of the jobs file is a composition spec (composer/compose.py; a spec without regions is plain
-  text-to-image) plus an optional ``name`` and ``seeds`` (a list, an int, or a range such as "0-49"). The
-  whole file is validated before anything runs; a bad line is an error naming the line.
-- Outputs: ``DIR/<name>/<seed>.png`` and a JSON sidecar (resolved spec, versions, timing, peak memory),
-  written atomically (temporary file, then rename). An item is complete when its sidecar exists, so rerunning
-  the same command resumes. A failing item does not stop the batch: it goes to ``DIR/failures.jsonl`` and the
+- Each line of the jobs file is a composition spec (composer/spec.py; a spec without regions is plain
+  text-to-image) plus an optional ``name`` and ``seeds`` (a list, an int, or a range such as "0-49"); relative
+  paths resolve against the jobs file's folder. The whole file is validated before the first image (fields,
+  sizes with the rule of the item's kind, samplers, seeds, that every named file exists, that every pseudo-word is
+  defined by a LoRA the item uses); a bad line is an error naming the line.
+- Outputs: ``DIR/<name>/<seed>.png`` and a JSON sidecar (the resolved spec with the model and every LoRA by
+  name and sha256, versions, timing, peak memory), written atomically (temporary file, then rename). An item is
+  complete when both exist, so rerunning the same command resumes; completed outputs are never rewritten, and a
+  temporary file a killed run left behind is removed. A failing item does not stop the batch: it goes to ``DIR/failures.jsonl`` and the
   exit status is non-zero at the end.
 - The base model is loaded once; concept LoRAs stay loaded as region adapters and encoded prompts are cached,
   both within a memory budget (least recently used evicted first).
@@ -16,6 +19,7 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import platform
@@ -26,6 +30,13 @@ import time
 from collections import OrderedDict
 
 import torch
+
+from . import __version__
+from .io import save_json, save_png
+from .spec import ComposeSpec
+from .compose import compose_latents, region_lora_name
+from .lora import read_lora
+from .pipeline import to_pil
 
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -56,9 +67,9 @@ def parse_seeds(v, where: str) -> list:
 
 
 def read_jobs(path: str) -> list:
-    from .compose import ComposeSpec
     if not os.path.exists(path):
         raise FileNotFoundError(f"jobs file not found: {path}")
+    base = os.path.dirname(os.path.abspath(path))
     jobs, names = [], set()
     with open(path, encoding="utf-8") as f:
         for ln, text in enumerate(f, 1):
@@ -77,18 +88,39 @@ def read_jobs(path: str) -> list:
             if name in names:
                 raise ValueError(f"{where}: duplicate job name {name!r}")
             names.add(name)
-            spec = ComposeSpec.from_dict(d, where=where)
+            spec = ComposeSpec.from_dict(d, where=where, base_dir=base)
             seeds = parse_seeds(d["seeds"], where) if "seeds" in d else [spec.seed]
-            if spec.regions:
-                from .compose import check_compose_size
-                try:
-                    check_compose_size(spec.height, spec.width)
-                except ValueError as e:
-                    raise ValueError(f"{where}: {e}") from None
             jobs.append(Job(name, seeds, spec, ln))
     if not jobs:
         raise ValueError(f"{path}: no jobs (empty file)")
     return jobs
+
+
+def validate_jobs(pipe, jobs, extra_loras=()):
+    """What can only be checked against the model and the files, for every job, before the first image: each
+    named file exists and is a LoRA composer reads, and every pseudo-word of every prompt is defined by a LoRA
+    the item uses (or one already loaded)."""
+    words_of: dict = {}
+    for job in jobs:
+        where = f"line {job.line} (job {job.name!r})"
+        spec = job.spec
+        spec.check_files(where)
+        files = [e["path"] for e in list(spec.loras) + list(extra_loras)] + [r.lora for r in spec.regions if r.lora]
+        files += [spec.background_lora] if spec.background_lora else []
+        known = set(pipe.loras.concepts)
+        for f in files:
+            if f not in words_of:
+                try:
+                    words_of[f] = set(read_lora(f).embeddings)
+                except (ValueError, OSError) as e:
+                    raise ValueError(f"{where}: {e}") from None
+            known |= words_of[f]
+        texts = [spec.prompt, spec.negative_prompt] + [t for r in spec.regions for t in (r.prompt, r.negative_prompt)]
+        for t in texts:
+            for w in re.findall(r"<[^<>\s]+>", t):
+                if w not in known and w not in ("<|startoftext|>", "<|endoftext|>"):
+                    raise ValueError(f"{where}: prompt {t!r} names pseudo-word {w} that none of its LoRAs defines "
+                                     f"(its LoRAs: {[os.path.basename(f) for f in files] or 'none'})")
 
 
 def items_of(jobs) -> list:
@@ -100,15 +132,7 @@ def shard(items: list, rank: int, world: int) -> list:
     return items[rank::world]
 
 
-def _atomic_json(obj, path: str):
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
-
-
 def versions() -> dict:
-    from . import __version__
     return {"composer": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
 
@@ -120,7 +144,8 @@ class LoRACache:
         self.order: OrderedDict = OrderedDict()
 
     def touch(self, spec):
-        need = {f"region:{os.path.abspath(r.lora)}:{r.scale}" for r in spec.regions if r.lora}
+        need = {region_lora_name(r.lora, r.scale) for r in spec.regions if r.lora} | \
+            ({region_lora_name(e["path"], e["scale"]) for e in spec.loras} if spec.regions else set())
         for n in need:
             self.order.pop(n, None)
             self.order[n] = True
@@ -137,13 +162,20 @@ class LoRACache:
             del self.order[n]
 
 
+def _remove_stray_temporaries(folder: str, seed: int):
+    """A killed run may leave ``.<seed>.png.*.tmp`` / ``.<seed>.json.*.tmp`` (composer/io.py); this rank owns the
+    item, so no other process is writing them."""
+    for pat in (f".{seed}.png.*.tmp", f".{seed}.json.*.tmp"):
+        for f in glob.glob(os.path.join(glob.escape(folder), pat)):
+            os.remove(f)
+
+
 def run_jobs(pipe, jobs_path: str, out_dir: str, *, rank: int = 0, world: int = 1, quiet: bool = False,
-             cache_mb: float = 2048, log=print) -> dict:
-    """Run (this rank's share of) a jobs file; returns the summary dict."""
-    from .compose import compose_latents
-    from .pipeline import to_pil
-    from .sample import save_png
-    jobs = read_jobs(jobs_path)
+             cache_mb: float = 2048, log=print, extra_loras=(), jobs=None) -> dict:
+    """Run (this rank's share of) a jobs file; returns the summary dict. Everything is validated first
+    (:func:`read_jobs`, :func:`validate_jobs`)."""
+    jobs = jobs if jobs is not None else read_jobs(jobs_path)
+    validate_jobs(pipe, jobs, extra_loras)
     os.makedirs(out_dir, exist_ok=True)
     mine = shard(items_of(jobs), rank, world)
     cache = LoRACache(pipe, cache_mb)
@@ -154,16 +186,19 @@ def run_jobs(pipe, jobs_path: str, out_dir: str, *, rank: int = 0, world: int = 
         from tqdm import tqdm
         bar = tqdm(total=len(mine), desc=f"batch[{rank}]" if world > 1 else "batch", unit="img", file=sys.stderr,
                    position=rank)
+    model = pipe.model_record()
     for j, seed in mine:
         job = jobs[j]
         folder = os.path.join(out_dir, job.name)
         png, side = os.path.join(folder, f"{seed}.png"), os.path.join(folder, f"{seed}.json")
+        if os.path.isdir(folder):
+            _remove_stray_temporaries(folder, seed)
         if os.path.exists(side) and os.path.exists(png):
             summary[job.name]["skipped"] += 1
             bar and bar.update(1)
             continue
         os.makedirs(folder, exist_ok=True)
-        spec = dataclasses.replace(job.spec, seed=seed)
+        spec = dataclasses.replace(job.spec, seed=seed, loras=list(job.spec.loras) + list(extra_loras))
         if torch.cuda.is_available() and pipe.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pipe.device)
         t0 = time.perf_counter()
@@ -172,13 +207,13 @@ def run_jobs(pipe, jobs_path: str, out_dir: str, *, rank: int = 0, world: int = 
             lat, info = compose_latents(pipe, spec)
             image = to_pil(pipe.decode(lat))[0]
             dt = time.perf_counter() - t0
-            resolved = dataclasses.asdict(spec)
-            save_png(image, png, {**resolved, "job": job.name})
+            rec = {**spec.record(model=model), "job": job.name}
+            save_png(image, png, rec)
             mem = {"process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
             if pipe.device.type == "cuda":
                 mem["cuda_peak_mb"] = torch.cuda.max_memory_allocated(pipe.device) / 2**20
-            _atomic_json({"job": job.name, "seed": seed, "spec": resolved, "versions": versions(), "seconds": dt,
-                          "memory": mem, "info": info, "rank": rank, "device": str(pipe.device)}, side)
+            save_json({"job": job.name, "seed": seed, "spec": rec, "versions": versions(), "seconds": dt,
+                       "memory": mem, "info": info, "rank": rank, "device": str(pipe.device)}, side)
             summary[job.name]["done"] += 1
             summary[job.name]["seconds"] += dt
         except Exception as e:  # one failing item never stops the batch

@@ -25,7 +25,14 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 class CheckpointError(ValueError):
-    """A weight file that cannot be used, with the file (and key) at fault in the message."""
+    """A weight file that cannot be used, with the file (and key) at fault in the message.
+
+    ``hints`` maps a Python keyword named in the message (``"strict=False"``) to the command-line flag that does
+    the same (``"--no-lora-strict"``); the CLIs print the flag (composer/cli.py)."""
+
+    def __init__(self, message: str, hints: dict | None = None):
+        super().__init__(message)
+        self.hints = hints or {}
 
 
 def _torch_version() -> tuple:

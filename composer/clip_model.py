@@ -15,8 +15,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointError, read_json, strict_load
+from .checkpoint import CheckpointError, read_json, read_weights, strict_load
 from .clip import CLIPEncoder, CLIPTextConfig, CLIPTextTransformer
+from .loading import read_component
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -95,7 +96,6 @@ class CLIPModel(nn.Module):
     def load(cls, path: str, dtype=torch.float32, device="cpu") -> "CLIPModel":
         """A transformers ``CLIPModel`` folder (config.json + model.safetensors / pytorch_model.bin), or open_clip
         weights (a file, or a folder holding open_clip_model.safetensors / open_clip_pytorch_model.bin)."""
-        from .loading import _read_component
         oc = _open_clip_file(path)
         if oc:
             return _load_open_clip(cls, oc, dtype, device)
@@ -108,7 +108,7 @@ class CLIPModel(nn.Module):
         eos = 49407 if eos == 2 else eos  # legacy configs say 2 and mean "the highest id", i.e. <|endoftext|>
         with torch.device("meta"):
             m = cls(tcfg, vcfg, cfg.get("projection_dim", 512), eos_token_id=eos)
-        sd, f = _read_component(path)
+        sd, f = read_component(path)
         sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
         return strict_load(m, sd, f, dtype=dtype, device=device).eval()
 
@@ -184,7 +184,6 @@ def open_clip_to_ours(sd: dict) -> dict:
 
 
 def _load_open_clip(cls, path: str, dtype, device) -> "CLIPModel":
-    from .checkpoint import read_weights
     sd, _ = read_weights(path)
     if "visual.conv1.weight" not in sd or "text_projection" not in sd:
         raise CheckpointError(f"{path}: not open_clip CLIP weights (visual.conv1.weight / text_projection missing)")

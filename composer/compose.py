@@ -9,164 +9,25 @@ concept isolation (§5), and the sampler step. Concepts are live adapters on one
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .debug import DebugRecorder
 from .losses import box_cells, compute_losses, reinit_latents
 from .pipeline import NonFiniteError, to_pil
 from .regions import RegionAttention
-from .schedulers import DPMSolverPP2M, make_sampler
+from .spec import ComposeSpec, Region, check_compose_size, parse_region_string, resolve_box  # noqa: F401 (API)
 
 log = logging.getLogger(__name__)
 
-MAX_REGIONS = 32
-PAPER_WEIGHTS = {"ce": 1.0, "fill": 0.25, "region": 0.8}  # paper App. A; the code's 8 / 2 / 10 are the default
-
-
-@dataclass
-class Region:
-    prompt: str
-    negative_prompt: str = ""
-    box: list | None = None     # [top, left, bottom, right]: pixels, or fractions when every value is ≤ 1
-    mask: str | None = None     # a mask image (white = region), beyond the paper
-    lora: str | None = None     # the concept's LoRA; None: picked by the pseudo-word in the prompt
-    scale: float = 1.0
-
-
-@dataclass
-class ComposeSpec:
-    prompt: str = ""
-    negative_prompt: str = ""
-    height: int = 512
-    width: int = 512
-    steps: int = 50
-    guidance: float = 7.5
-    seed: int = 0
-    sampler: str = "dpm++2m"
-    eta: float = 0.0
-    regions: list = field(default_factory=list)
-    enhance: bool = True        # L_ce + L_fill (and the Gaussian weighting)
-    isolate: bool = True        # self-attention region mask + L_region
-    reinit: bool = True         # latent re-initialisation
-    gaussian: bool = True
-    fill: bool = True
-    region_mask: bool | None = None   # default: isolate
-    region_loss: bool | None = None   # default: isolate
-    background_lora: str | None = None
-    background_scale: float = 1.0
-    loss_weights: str = "official"    # or "paper"
-    schedule: str = "current"         # "official": diffusers 0.14 DPM-Solver++ timesteps and final step
-    lr: float = 20.0
-    max_opt_step: int = 25
-    model: str | None = None
-    tokenizer: str | None = None
-
-    @classmethod
-    def from_dict(cls, d: dict, where: str = "spec") -> "ComposeSpec":
-        if not isinstance(d, dict):
-            raise ValueError(f"{where}: expected an object, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(d) - known - {"name", "seeds"})
-        if bad:
-            raise ValueError(f"{where}: unknown field(s) {bad}; known: {sorted(known)}")
-        kw = {k: v for k, v in d.items() if k in known}
-        regs = kw.pop("regions", []) or []
-        if not isinstance(regs, list):
-            raise ValueError(f"{where}: 'regions' must be a list")
-        rknown = {f.name for f in fields(Region)}
-        out = []
-        for i, r in enumerate(regs):
-            if isinstance(r, Region):
-                out.append(r)
-                continue
-            if not isinstance(r, dict) or "prompt" not in r:
-                raise ValueError(f"{where}: region {i} must be an object with at least a 'prompt'")
-            rb = sorted(set(r) - rknown)
-            if rb:
-                raise ValueError(f"{where}: region {i}: unknown field(s) {rb}; known: {sorted(rknown)}")
-            out.append(Region(**r))
-        spec = cls(**kw, regions=out)
-        for name, typ in (("height", int), ("width", int), ("steps", int), ("seed", int)):
-            if not isinstance(getattr(spec, name), typ) or isinstance(getattr(spec, name), bool):
-                raise ValueError(f"{where}: '{name}' must be an integer, got {getattr(spec, name)!r}")
-        if spec.loss_weights not in ("official", "paper"):
-            raise ValueError(f"{where}: loss_weights must be 'official' or 'paper'")
-        if spec.schedule not in ("current", "official"):
-            raise ValueError(f"{where}: schedule must be 'current' or 'official'")
-        return spec
-
-    @classmethod
-    def from_file(cls, path: str) -> "ComposeSpec":
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"spec file not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        if path.endswith((".yaml", ".yml")):
-            try:
-                import yaml
-            except ImportError:
-                raise ValueError(f"{path}: YAML specs need PyYAML (pip install pyyaml), or use JSON") from None
-            data = yaml.safe_load(text)
-        else:
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-        return cls.from_dict(data, where=path)
-
-
-def parse_region_string(s: str) -> list:
-    """The official ``[prompt]-*-[negative]-*-[top, left, bottom, right]|...`` (boxes in pixels; [] = whole image)."""
-    regions = []
-    for i, part in enumerate(p for p in s.split("|") if p.strip()):
-        f = part.split("-*-")
-        if len(f) != 3:
-            raise ValueError(f"region string part {i} {part[:60]!r}: expected 3 fields separated by '-*-'")
-        prompt, neg, box = (x.strip().strip("[]").strip() for x in f)
-        if box:
-            try:
-                nums = [float(x) for x in box.split(",")]
-            except ValueError:
-                raise ValueError(f"region string part {i}: box {box!r} is not 4 numbers") from None
-            if len(nums) != 4:
-                raise ValueError(f"region string part {i}: box needs 4 numbers, got {len(nums)}")
-            regions.append(Region(prompt, neg, box=nums + ["px"]))
-        else:
-            regions.append(Region(prompt, neg, box=[0.0, 0.0, 1.0, 1.0]))
-    return regions
-
-
-def resolve_box(box, h: int, w: int, i: int) -> tuple:
-    """-> fractional (y0, x0, y1, x1), validated. A trailing "px" forces pixel units."""
-    force_px = len(box) == 5 and box[4] == "px"
-    vals = box[:4] if force_px else box
-    if len(vals) != 4 or not all(isinstance(v, (int, float)) for v in vals):
-        raise ValueError(f"region {i}: box must be 4 numbers [top, left, bottom, right], got {box!r}")
-    t, l, b, r = (float(v) for v in vals)
-    if force_px or max(t, l, b, r) > 1.0:
-        if min(t, l) < 0 or b > h or r > w:
-            raise ValueError(f"region {i}: box {list(vals)} lies outside the {h}×{w} image")
-        t, l, b, r = t / h, l / w, b / h, r / w
-    elif min(t, l, b, r) < 0:
-        raise ValueError(f"region {i}: box {list(vals)} has negative coordinates")
-    if b <= t or r <= l:
-        raise ValueError(f"region {i}: box {list(vals)} is empty or inverted (need top < bottom and left < right)")
-    return t, l, b, r
-
-
-def check_compose_size(height: int, width: int):
-    for name, v in (("height", height), ("width", width)):
-        if not isinstance(v, int) or v <= 0 or v % 32:
-            near = max(32, int(round(v / 32)) * 32) if isinstance(v, (int, float)) and v > 0 else 32
-            raise ValueError(f"{name}={v}: composition needs a multiple of 32 (its losses read a 1/32 grid); "
-                             f"nearest valid: {near}")
+OFFICIAL_WEIGHTS = {"ce": 8.0, "fill": 2.0, "region": 10.0}  # the code's (method.md §7): the default
+PAPER_WEIGHTS = {"ce": 1.0, "fill": 0.25, "region": 0.8}      # paper App. A
 
 
 def _load_mask(path: str, h: int, w: int) -> torch.Tensor:
@@ -180,41 +41,61 @@ def _load_mask(path: str, h: int, w: int) -> torch.Tensor:
     return m
 
 
-def _ensure_region_lora(pipe, path: str, scale: float) -> str:
+def region_lora_name(path: str, scale: float) -> str:
+    return f"region:{os.path.abspath(path)}:{scale}"
+
+
+def _ensure_region_lora(pipe, path: str, scale: float, strict: bool = True) -> str:
+    """Attach a concept LoRA as a region adapter (kept across calls: batches reuse it)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"region LoRA file not found: {path}")
-    ap = os.path.abspath(path)
-    for name, lora in list(pipe.loras.loras.items()):
-        if os.path.abspath(lora.path) == ap:
-            if name == f"region:{ap}:{scale}":
-                return name
-            pipe.unload_lora(name)  # same file at another scale or mode: reload as a region adapter
-    name = f"region:{ap}:{scale}"
-    pipe.load_lora(path, scale, name=name, mode="region")
+    ap, name = os.path.abspath(path), region_lora_name(path, scale)
+    for other, lora in list(pipe.loras.loras.items()):
+        if os.path.abspath(lora.path) == ap and other != name and not other.startswith(("background:", "global:")):
+            pipe.unload_lora(other)  # same file at another scale or mode: reload as a region adapter
+    if name not in pipe.loras.loras:
+        pipe.load_lora(path, scale, name=name, mode="region", strict=strict)
     return name
+
+
+def warn_if_no_concept(pipe, spec) -> bool:
+    """A composition whose regions have no concept at all (no LoRA named, none bound by pseudo-words or trigger
+    words) is layout control only: say so rather than run silently. Returns True when it warned."""
+    if any(r.lora for r in spec.regions) or spec.loras:
+        return False
+    words = {w for r in spec.regions for w in re.findall(r"<[^<>\s]+>", r.prompt)}
+    if words & set(pipe.loras.concepts):
+        return False
+    log.warning("the spec has %d region(s) but no concept LoRA (no region names a 'lora', no --lora was given and "
+                "no region prompt uses a loaded pseudo-word): each region gets its prompt through the base model "
+                "only", len(spec.regions))
+    return True
 
 
 @dataclass
 class Prepared:
+    """Everything static for one composition: region attention state, concept token positions, boxes (the loss
+    form: fractional boxes, or free-form masks read on the analysis grid) and the global encodings."""
     ra: RegionAttention | None
-    token_pos: list
+    token_pos: list      # per region: sequence positions of its concept tokens in its tokenised prompt
     boxes: list
     cond: torch.Tensor
     uncond: torch.Tensor
+    loss_boxes: list
+    token_words: list    # per region: a label for each concept token (for info and debug output)
 
 
-def prepare(pipe, spec: ComposeSpec, backend: str | None = None) -> Prepared:
+def prepare(pipe, spec: ComposeSpec, backend: str | None = None, strict: bool = True) -> Prepared:
     """Validate the spec, bind concepts, encode every prompt; no sampling."""
-    from .attention import REGION_BACKEND
-    check_compose_size(spec.height, spec.width)
-    if len(spec.regions) > MAX_REGIONS:
-        raise ValueError(f"{len(spec.regions)} regions given; at most {MAX_REGIONS} are supported")
+    spec.check()
     H, W = spec.height, spec.width
     boxes, masks, adapters, token_pos, pos_ctx, neg_ctx = [], [], [], [], [], []
     texts = [spec.prompt, spec.negative_prompt] + [t for r in spec.regions for t in (r.prompt, r.negative_prompt)]
+    for e in spec.loras:  # concepts given globally (--lora): bound to regions by their pseudo-words
+        _ensure_region_lora(pipe, e["path"], e["scale"], strict)
     for r in spec.regions:  # load explicitly named concepts before checking pseudo-words
         if r.lora:
-            _ensure_region_lora(pipe, r.lora, r.scale)
+            _ensure_region_lora(pipe, r.lora, r.scale, strict)
     pipe.check_pseudo_words(texts)
     for i, r in enumerate(spec.regions):
         if r.mask:
@@ -228,7 +109,7 @@ def prepare(pipe, spec: ComposeSpec, backend: str | None = None) -> Prepared:
                 raise ValueError(f"region {i}: give a box [top, left, bottom, right] or a mask image")
             boxes.append(resolve_box(list(r.box), H, W, i))
             masks.append(None)
-        name = _ensure_region_lora(pipe, r.lora, r.scale) if r.lora else None
+        name = _ensure_region_lora(pipe, r.lora, r.scale, strict) if r.lora else None
         words = re.findall(r"<[^<>\s]+>", r.prompt)
         if name is None:
             owners = sorted({pipe.loras.concepts[w][0] for w in words if w in pipe.loras.concepts})
@@ -258,11 +139,17 @@ def prepare(pipe, spec: ComposeSpec, backend: str | None = None) -> Prepared:
     ra = None
     if spec.regions:
         isolate_mask = spec.isolate if spec.region_mask is None else spec.region_mask
-        be = backend or REGION_BACKEND.get(pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.backend, "auto")
+        be = backend or pipe.region_backend
         ra = RegionAttention(boxes, masks, adapters, pos_ctx, neg_ctx, (H, W), isolate=isolate_mask, backend=be,
                              plain_backend="math" if be == "torch" else "sdpa")
         ra.want_self_maps = spec.isolate if spec.region_loss is None else spec.region_loss
-    return Prepared(ra, token_pos, boxes, cond, uncond)
+        h, w = ra.analysis_hw  # free-form masks are read on the grid; their bounding box carries the Gaussian
+        loss_boxes = [ra.region_mask(r, h, w, pipe.device) if masks[r] is not None else boxes[r] for r in range(ra.n)]
+    else:
+        loss_boxes = []
+    token_words = [[pipe.tokenizer.tok.id_to_token(pipe.tokenizer([r.prompt], warn=False)[0, p].item()) for p in pos]
+                   for r, pos in zip(spec.regions, token_pos)]
+    return Prepared(ra, token_pos, boxes, cond, uncond, loss_boxes, token_words)
 
 
 def _cat_ctx(a, b):
@@ -293,111 +180,151 @@ def _analysis_layers(unet):
     return ls, max(ls)
 
 
-def compose_latents(pipe, spec: ComposeSpec, *, callback=None, debug: dict | None = None, backend=None):
-    """-> (latents [1, 4, H/8, W/8], info dict with the loss per optimised step)."""
-    if isinstance(spec, dict):
-        spec = ComposeSpec.from_dict(spec)
-    bg_name = None
-    if spec.background_lora:
-        bg_name = f"background:{os.path.abspath(spec.background_lora)}"
-        if bg_name not in pipe.loras.loras:
-            pipe.load_lora(spec.background_lora, spec.background_scale, name=bg_name, mode="merge")
-    try:
-        return _compose(pipe, spec, callback, debug, backend)
-    finally:
-        if bg_name:
-            pipe.unload_lora(bg_name)
+class LatentOptimiser:
+    """Test-time latent optimisation (method.md §7-8), one part of each denoising step.
 
+    While active, :meth:`step` runs one cond-only UNet forward with gradients on z_t (stopping after the last
+    analysis layer), computes L = Σ_n Σ_c (L_ce + L_fill) + Σ_n L_region on the 1/32 maps, and takes one step
+    z ← z − lr_i·∂L/∂z with lr_i = lr·sqrt(linspace(1, 0.5, steps)[i]) (skipped when L = 0). It stops for good
+    after step i if L_i > L_{i−1} with i ≥ 5, or i ≥ max_opt_step. ``observer("optimise", ...)`` sees every step.
+    """
 
-def _compose(pipe, spec, callback, debug, backend):
-    prep = prepare(pipe, spec, backend)
-    H, W = spec.height, spec.width
-    if spec.sampler == "dpm++2m" and spec.schedule == "official":
-        sch = DPMSolverPP2M(pipe.scheduler_config, spec.steps, final="official")
-    else:
-        sch = make_sampler(spec.sampler, pipe.scheduler_config, spec.steps, eta=spec.eta)
-    x, g = pipe.initial_latent(spec.seed, H, W)
-    ra = prep.ra
-    cfg = spec.guidance > 1.0
-    ctx = _cat_ctx(prep.uncond, prep.cond) if cfg else prep.cond
-    region_loss = ra is not None and ra.want_self_maps
-    has_tokens = any(prep.token_pos)
-    optimise = ra is not None and ((spec.enhance and has_tokens) or region_loss)
-    layers, last = _analysis_layers(pipe.unet)
-    weights = {"ce": 8.0, "fill": 2.0, "region": 10.0} if spec.loss_weights == "official" else PAPER_WEIGHTS
-    info = {"loss": [], "optimised_steps": 0, "reinit": False}
-    if ra is not None:  # free-form masks are read on the grid; their bounding box carries the Gaussian
-        h, w = ra.analysis_hw
-        loss_boxes = [ra.region_mask(r, h, w, x.device) if ra.masks[r] is not None else prep.boxes[r]
-                      for r in range(ra.n)]
+    def __init__(self, pipe, prep: Prepared, spec: ComposeSpec, steps: int, observer=None):
+        self.pipe, self.prep, self.spec, self.observer = pipe, prep, spec, observer
+        ra = prep.ra
+        self.region_loss = ra.want_self_maps
+        self.weights = OFFICIAL_WEIGHTS if spec.loss_weights == "official" else PAPER_WEIGHTS
+        self.lrs = spec.lr * np.sqrt(np.linspace(1.0, 0.5, steps))
+        self.layers, self.last_layer = _analysis_layers(pipe.unet)
+        self.active = (spec.enhance and any(prep.token_pos)) or self.region_loss
+        self.prev, self.last = 1000.0, None
+        self.losses, self.optimised_steps = [], 0
 
-    def maps_pass(z, t, grad: bool):
+    def maps(self, z, t, grad: bool):
+        """Cond-only forward with region attention storing the analysis maps; -> (per-region cross maps, self map)."""
+        ra = self.prep.ra
         ra.for_batch(("cond",), store=True)
         with torch.set_grad_enabled(grad):
-            pipe.unet(z.to(pipe.dtype), int(t), prep.cond, regions=ra, stop_after_layer=last)
+            self.pipe.unet(z.to(self.pipe.dtype), t, self.prep.cond, regions=ra, stop_after_layer=self.last_layer)
         return ra.aggregated_maps()
 
-    if ra is not None and spec.reinit and has_tokens:  # §9
-        with torch.no_grad():
-            cross, _ = maps_pass(x, sch.timesteps[0], False)
-        sel = [(i, [cross[i][:, :, p].float() for p in prep.token_pos[i]]) for i in range(ra.n) if prep.token_pos[i]]
-        x = reinit_latents(x, [m for _, m in sel], [loss_boxes[i] for i, _ in sel], ra.analysis_hw)
-        info["reinit"] = True
-        if debug is not None:
-            debug.setdefault("maps", {})["reinit"] = [[m.cpu() for m in ms] for _, ms in sel]
+    def loss(self, cross, smap):
+        spec, w = self.spec, self.weights
+        terms = compute_losses(cross, self.prep.token_pos, self.prep.loss_boxes,
+                               smap.float() if self.region_loss else None, enhance=spec.enhance,
+                               gaussian=spec.gaussian, fill=spec.fill, region=self.region_loss)
+        zero = cross[0].sum() * 0.0
+        # the terms carry the official weights (8, 2, 10); rescale them for the paper's
+        loss = (w["ce"] / OFFICIAL_WEIGHTS["ce"]) * sum(terms.ce, zero) \
+            + (w["fill"] / OFFICIAL_WEIGHTS["fill"]) * (sum(terms.fill_x, zero) + sum(terms.fill_y, zero)) \
+            + (w["region"] / OFFICIAL_WEIGHTS["region"]) * sum(terms.region, zero)
+        return loss, terms
 
-    lrs = spec.lr * np.sqrt(np.linspace(1.0, 0.5, spec.steps))
-    prev, stopped = 1000.0, not optimise
-    for i, t in enumerate(sch.timesteps):
-        loss_val = None
-        if not stopped:  # §7-8: one gradient step on the latent
-            z = x.detach().requires_grad_(True)
-            cross, smap = maps_pass(z, t, True)
-            terms = compute_losses(cross, prep.token_pos, loss_boxes, smap.float() if region_loss else None,
-                                   enhance=spec.enhance, gaussian=spec.gaussian, fill=spec.fill, region=region_loss)
-            zero = torch.zeros((), device=x.device)
-            loss = (weights["ce"] / 8.0) * sum(terms.ce, zero) \
-                + (weights["fill"] / 2.0) * (sum(terms.fill_x, zero) + sum(terms.fill_y, zero)) \
-                + (weights["region"] / 10.0) * sum(terms.region, zero)
-            loss_val = loss.detach().item()
-            if loss_val > 0 and loss.requires_grad:
-                grad, = torch.autograd.grad(loss, z)
-                x = (z - float(lrs[i]) * grad).detach()
-            if not math.isfinite(loss_val):
-                raise NonFiniteError(f"composition loss became {loss_val} at step {i}")
-            info["loss"].append(loss_val)
-            info["optimised_steps"] = i + 1
-            if debug is not None and i in debug.get("steps", ()):
-                debug.setdefault("maps", {})[i] = [[cross[r][:, :, p].detach().float().cpu() for p in prep.token_pos[r]]
-                                                   for r in range(ra.n)]
-            if (loss_val > prev and i >= 5) or i >= spec.max_opt_step:
-                stopped = True
-            else:
-                prev = loss_val
-            del cross, smap, terms, loss, z
-        with torch.no_grad():
-            kw = {}
-            if ra is not None:
-                ra.for_batch(("uncond", "cond") if cfg else ("cond",), store=False)
-                kw["regions"] = ra
-            e = pipe.eps(x, int(t), ctx, spec.guidance, **kw)
-            x = sch.step(i, e, x, generator=g)
-        if not torch.isfinite(x).all():
-            raise NonFiniteError(f"latent became NaN/Inf at step {i} (t={int(t)})")
-        if callback is not None:
-            callback(i, len(sch.timesteps), **({"loss": f"{loss_val:.3f}"} if loss_val is not None else {}))
+    def step(self, i: int, t, x: torch.Tensor) -> torch.Tensor:
+        self.last = None
+        if not self.active:
+            return x
+        z = x.detach().requires_grad_(True)
+        cross, smap = self.maps(z, t, True)
+        loss, terms = self.loss(cross, smap)
+        value = loss.detach().item()
+        if not math.isfinite(value):
+            raise NonFiniteError(f"composition loss became {value} at step {i}")
+        out = x
+        if value > 0 and loss.requires_grad:
+            grad, = torch.autograd.grad(loss, z)
+            out = (z - float(self.lrs[i]) * grad).detach()
+        if self.observer is not None:
+            self.observer("optimise", i=i, t=t, z_before=x, z_after=out, loss=value, lr=float(self.lrs[i]),
+                          cross=cross, prep=self.prep)
+        self.last = value
+        self.losses.append(value)
+        self.optimised_steps = i + 1
+        if (value > self.prev and i >= 5) or i >= self.spec.max_opt_step:
+            self.active = False
+        else:
+            self.prev = value
+        return out
+
+
+def reinitialise(pipe, prep: Prepared, t, x: torch.Tensor, observer=None) -> torch.Tensor:
+    """Latent re-initialisation (method.md §9): one cond-only forward at t = timesteps[0] with region attention;
+    per region, the latent patch under the window where its tokens' (unsmoothed) maps are strongest is copied into
+    its box; then the whole latent is restored to the original mean and std."""
+    ra = prep.ra
+    _, last = _analysis_layers(pipe.unet)
+    ra.for_batch(("cond",), store=True)
+    with torch.no_grad():
+        pipe.unet(x.to(pipe.dtype), t, prep.cond, regions=ra, stop_after_layer=last)
+        cross, _ = ra.aggregated_maps()
+    sel = [(i, [cross[i][:, :, p].float() for p in prep.token_pos[i]]) for i in range(ra.n) if prep.token_pos[i]]
+    out = reinit_latents(x, [m for _, m in sel], [prep.loss_boxes[i] for i, _ in sel], ra.analysis_hw)
+    if observer is not None:
+        observer("reinit", z_before=x, z_after=out, maps=[m for _, m in sel], regions=[i for i, _ in sel], prep=prep)
+    return out
+
+
+def compose_latents(pipe, spec: ComposeSpec, *, callback=None, observer=None, backend=None, strict: bool = True):
+    """-> (latents [1, 4, H/8, W/8], info dict with the loss per optimised step).
+
+    A spec without regions is plain text-to-image (its ``loras`` merged for the call). ``observer(event, **data)``
+    (optional) sees the re-initialisation ("reinit": z_before, z_after, maps) and every optimisation step
+    ("optimise": i, t, z_before, z_after, loss, lr, cross maps); composer/debug.py builds its heatmaps from it,
+    and tests read the latent steps through it. ``strict=False`` loads LoRAs whose keys partly match no layer.
+    """
+    if isinstance(spec, dict):
+        spec = ComposeSpec.from_dict(spec)
+    merged = []  # LoRAs merged into the model for this call only, unmerged (bit-exactly) afterwards
+    try:
+        if spec.background_lora:
+            merged.append(_merge_for_call(pipe, "background", spec.background_lora, spec.background_scale, strict))
+        if not spec.regions:
+            merged += [_merge_for_call(pipe, "global", e["path"], e["scale"], strict) for e in spec.loras]
+        return _compose(pipe, spec, callback, observer, backend, strict)
+    finally:
+        for name in reversed(merged):
+            if name in pipe.loras.loras:
+                pipe.unload_lora(name)
+
+
+def _merge_for_call(pipe, kind, path, scale, strict):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{kind} LoRA file not found: {path}")
+    name = f"{kind}:{os.path.abspath(path)}:{scale}"
+    if name not in pipe.loras.loras:
+        pipe.load_lora(path, scale, name=name, mode="merge", strict=strict)
+    return name
+
+
+def _compose(pipe, spec, callback, observer, backend, strict):
+    prep = prepare(pipe, spec, backend, strict)
+    sch = pipe.make_sampler(spec.sampler, spec.steps, eta=spec.eta, schedule=spec.schedule)
+    x, g = pipe.initial_latent(spec.seed, spec.height, spec.width)
+    cfg = spec.guidance > 1.0
+    ctx = _cat_ctx(prep.uncond, prep.cond) if cfg else prep.cond
+    info = {"loss": [], "optimised_steps": 0, "reinit": False}
+    opt = None
+    if prep.ra is not None:
+        if spec.reinit and any(prep.token_pos):
+            x = reinitialise(pipe, prep, sch.timesteps[0], x, observer)
+            info["reinit"] = True
+        opt = LatentOptimiser(pipe, prep, spec, len(sch.timesteps), observer)
+    x = pipe.denoise(x, sch, ctx, spec.guidance, generator=g, regions=prep.ra, optimiser=opt, callback=callback)
+    if opt is not None:
+        info["loss"], info["optimised_steps"] = opt.losses, opt.optimised_steps
     return x, info
 
 
-def compose(pipe, spec, *, callback=None, debug_dir: str | None = None, backend=None):
-    """Compose the spec's concepts into one image (PIL). ``debug_dir`` writes the box layout, per-concept
-    cross-attention heatmaps at the analysis resolution and the loss curve."""
+def compose(pipe, spec, *, callback=None, debug_dir: str | None = None, backend=None, strict: bool = True):
+    """Compose the spec's concepts into one image (PIL). ``debug_dir`` writes the box layout, labelled
+    cross-attention heatmaps of every concept token at the analysis resolution, and the loss curve."""
     if isinstance(spec, dict):
         spec = ComposeSpec.from_dict(spec)
-    debug = {"steps": {0, 10, 25}} if debug_dir else None
-    lat, info = compose_latents(pipe, spec, callback=callback, debug=debug, backend=backend)
+    rec = None
+    if debug_dir:
+        rec = DebugRecorder(steps=(0, 10, spec.max_opt_step))
+    lat, info = compose_latents(pipe, spec, callback=callback, observer=rec, backend=backend, strict=strict)
     img = to_pil(pipe.decode(lat))[0]
     if debug_dir:
-        from .debug import write_debug
-        write_debug(debug_dir, img, spec, info, debug)
+        rec.write(debug_dir, img, spec, info, pipe)
     return img

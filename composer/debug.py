@@ -1,15 +1,30 @@
-"""--debug-dir output: the box layout over the image, per-concept cross-attention heatmaps on the analysis
-grid at chosen steps, and the loss per optimised step (PNG, plus losses.json). PIL only."""
+"""--debug-dir output, built from the composition observer (composer/compose.py):
+
+- ``layout.png``: the image with each region's box outlined in its colour and numbered inside the box, plus a
+  legend strip below the image with the number, prompt, LoRA and concept tokens of every region;
+- ``attention.png``: one labelled tile per (step, region, concept token): the token's cross-attention map on the
+  1/32 analysis grid (head- and layer-averaged, what L_ce reads), its region's box outlined, the caption
+  "step S · region R · token"; rows are the recorded steps ("reinit" first);
+- ``loss.png`` and ``losses.json``: the loss per optimised step.
+PIL only.
+"""
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
+
+from .io import atomic_path, save_json
+from .spec import resolve_box
 
 COLORS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
           (240, 50, 230), (210, 245, 60)]
+TILE, CAPTION = 128, 28
+
+
+def _font():
+    return ImageFont.load_default()
 
 
 def _heat(a: np.ndarray, size) -> Image.Image:
@@ -21,7 +36,7 @@ def _heat(a: np.ndarray, size) -> Image.Image:
 def _plot(values, size=(480, 240)) -> Image.Image:
     im = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(im)
-    pad = 30
+    pad = 40
     d.rectangle([pad, 10, size[0] - 10, size[1] - pad], outline=(0, 0, 0))
     if values:
         lo, hi = min(values), max(values)
@@ -40,31 +55,92 @@ def _plot(values, size=(480, 240)) -> Image.Image:
 
 
 def _save(im: Image.Image, path: str):
-    tmp = path + ".tmp.png"
-    im.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        im.save(tmp, format="PNG")
 
 
-def write_debug(folder: str, image, spec, info: dict, debug: dict):
-    os.makedirs(folder, exist_ok=True)
-    lay = image.convert("RGB").copy()
-    d = ImageDraw.Draw(lay)
-    H, W = spec.height, spec.width
-    from .compose import resolve_box
-    for i, r in enumerate(spec.regions):
-        if r.box is None:
-            continue
-        t, l, b, rr = resolve_box(list(r.box), H, W, i)
-        c = COLORS[i % len(COLORS)]
-        d.rectangle([l * W, t * H, rr * W - 1, b * H - 1], outline=c, width=2)
-        d.text((l * W + 4, t * H + 2), f"{i}: {r.prompt[:40]}", fill=c)
-    _save(lay, os.path.join(folder, "layout.png"))
-    for step, per_region in (debug.get("maps") or {}).items():
-        for ri, maps in enumerate(per_region):
-            for ti, m in enumerate(maps):
-                a = m.numpy()
-                _save(_heat(a, (a.shape[1] * 16, a.shape[0] * 16)),
-                      os.path.join(folder, f"attn_{step if isinstance(step, str) else f'step{step:03d}'}_region{ri}_token{ti}.png"))
-    _save(_plot(info.get("loss", [])), os.path.join(folder, "loss.png"))
-    with open(os.path.join(folder, "losses.json"), "w") as f:
-        json.dump(info, f, indent=1)
+def _fit(d, text: str, width: int, font) -> str:
+    """Truncate ``text`` with an ellipsis so it fits ``width`` pixels."""
+    if d.textlength(text, font=font) <= width:
+        return text
+    while text and d.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+class DebugRecorder:
+    """An observer for compose_latents: keeps the concept-token maps of the re-initialisation and of the chosen
+    optimisation steps (small: the 1/32 grid), then writes the debug folder."""
+
+    def __init__(self, steps=(0, 10, 25)):
+        self.steps = set(steps)
+        self.maps: dict = {}   # row label -> [(region, token index, [h, w] array)]
+        self.token_words: list = []  # per region, the label of each concept token
+
+    def __call__(self, event, **d):
+        prep = d["prep"]
+        self.token_words = prep.token_words
+        if event == "reinit":
+            self.maps["reinit"] = [(r, ti, m.cpu().numpy()) for r, ms in zip(d["regions"], d["maps"])
+                                   for ti, m in enumerate(ms)]
+        elif event == "optimise" and d["i"] in self.steps:
+            self.maps[f"step {d['i']}"] = [(r, ti, c[:, :, p].detach().float().cpu().numpy())
+                                           for r, c in enumerate(d["cross"])
+                                           for ti, p in enumerate(prep.token_pos[r])]
+
+    def write(self, folder: str, image, spec, info: dict, pipe=None):
+        os.makedirs(folder, exist_ok=True)
+        font = _font()
+        _save(self.layout(image, spec, pipe, font), os.path.join(folder, "layout.png"))
+        if self.maps:
+            _save(self.sheet(spec, pipe, font), os.path.join(folder, "attention.png"))
+        _save(_plot(info.get("loss", [])), os.path.join(folder, "loss.png"))
+        save_json(info, os.path.join(folder, "losses.json"))
+
+    def layout(self, image, spec, pipe, font) -> Image.Image:
+        H, W = spec.height, spec.width
+        n = len(spec.regions)
+        line = 14
+        canvas = Image.new("RGB", (W, H + 8 + line * max(n, 1)), "white")
+        canvas.paste(image.convert("RGB"), (0, 0))
+        d = ImageDraw.Draw(canvas)
+        for i, r in enumerate(spec.regions):
+            c = COLORS[i % len(COLORS)]
+            if r.box is not None:
+                t, l, b, rr = resolve_box(list(r.box), H, W, i)
+                x0, y0, x1, y1 = l * W, t * H, rr * W - 1, b * H - 1
+                d.rectangle([x0, y0, x1, y1], outline=c, width=2)
+                tag = str(i + 1)
+                tw = d.textlength(tag, font=font)
+                d.rectangle([x0 + 2, y0 + 2, x0 + 6 + tw, y0 + 14], fill=c)  # the number sits inside its box
+                d.text((x0 + 4, y0 + 2), tag, fill="white", font=font)
+            lora = os.path.basename(r.lora) if r.lora else "no LoRA"
+            d.rectangle([4, H + 6 + line * i, 12, H + 14 + line * i], fill=c)
+            d.text((16, H + 4 + line * i), _fit(d, f"{i + 1}: {r.prompt}  [{lora}]", W - 20, font), fill=(0, 0, 0),
+                   font=font)
+        return canvas
+
+    def sheet(self, spec, pipe, font) -> Image.Image:
+        rows = list(self.maps.items())
+        cols = max(len(v) for _, v in rows)
+        sheet = Image.new("RGB", (cols * (TILE + 4) + 4, len(rows) * (TILE + CAPTION + 4) + 4), "white")
+        d = ImageDraw.Draw(sheet)
+        for ri, (label, tiles) in enumerate(rows):
+            for ci, (reg, ti, a) in enumerate(tiles):
+                x0, y0 = 4 + ci * (TILE + 4), 4 + ri * (TILE + CAPTION + 4)
+                h, w = a.shape
+                scale = TILE / max(h, w)
+                size = (max(1, round(w * scale)), max(1, round(h * scale)))
+                sheet.paste(_heat(a, size), (x0, y0))
+                r = spec.regions[reg]
+                if r.box is not None:  # the region's box on the heatmap
+                    t, l, b, rr = resolve_box(list(r.box), spec.height, spec.width, reg)
+                    d.rectangle([x0 + l * size[0], y0 + t * size[1], x0 + rr * size[0] - 1, y0 + b * size[1] - 1],
+                                outline=COLORS[reg % len(COLORS)], width=2)
+                words = self.token_words[reg] if reg < len(self.token_words) else []
+                name = words[ti] if ti < len(words) else f"token {ti + 1}"
+                d.text((x0, y0 + size[1] + 2), _fit(d, f"{label} · region {reg + 1}", TILE, font), fill=(0, 0, 0),
+                       font=font)
+                d.text((x0, y0 + size[1] + 14), _fit(d, name, TILE, font), fill=COLORS[reg % len(COLORS)], font=font)
+        return sheet
+

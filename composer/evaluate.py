@@ -19,6 +19,12 @@ import sys
 
 import torch
 
+from .cli import run
+from .clip_model import CLIPModel, preprocess
+from .io import atomic_path
+from .spec import resolve_box
+from .tokenizer import CLIPTokenizer
+
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -32,6 +38,8 @@ def scores(img: torch.Tensor, refs: torch.Tensor, text: torch.Tensor) -> dict:
 
 def concept_of(region: dict) -> str:
     lora = region.get("lora")
+    if isinstance(lora, dict):  # a recorded reference {name, path, sha256}
+        lora = lora.get("name") or lora.get("path")
     if lora:
         return os.path.splitext(os.path.basename(lora))[0]
     words = [w.strip("<>").rstrip("0123456789") for w in region.get("prompt", "").split() if w.startswith("<")]
@@ -63,9 +71,6 @@ def markdown(summary: dict) -> str:
 
 def evaluate(results: str, refs: str, clip_path: str, *, device="cpu", batch=32, tokenizer=None):
     from PIL import Image
-    from .clip_model import CLIPModel, preprocess
-    from .compose import resolve_box
-    from .tokenizer import CLIPTokenizer
     model = CLIPModel.load(clip_path, device=device)
     tok = CLIPTokenizer.from_file(tokenizer or clip_path)
 
@@ -118,22 +123,26 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", help="output prefix (default: RESULTS/clip_scores)")
     a = ap.parse_args(argv)
+    for flag, path in (("--results", a.results), ("--refs", a.refs), ("--clip", a.clip)):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{flag} {path}: the path does not exist")
+        if flag != "--clip" and not os.path.isdir(path):
+            raise NotADirectoryError(f"{flag} {path}: not a folder")
     rows, summary = evaluate(a.results, a.refs, a.clip, device=a.device, tokenizer=a.tokenizer)
     prefix = a.out or os.path.join(a.results, "clip_scores")
-    tmp = prefix + ".csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["job", "seed", "region", "concept", "class", "I", "I_first", "T"])
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, prefix + ".csv")
+    with atomic_path(prefix + ".csv") as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["job", "seed", "region", "concept", "class", "I", "I_first", "T"])
+            w.writeheader()
+            w.writerows(rows)
     md = markdown(summary)
-    with open(prefix + ".md.tmp", "w") as f:
-        f.write(md)
-    os.replace(prefix + ".md.tmp", prefix + ".md")
+    with atomic_path(prefix + ".md") as tmp:
+        with open(tmp, "w") as f:
+            f.write(md)
     print(md)
     print(f"wrote {prefix}.csv and {prefix}.md ({len(rows)} region crops)", file=sys.stderr)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run("python -m composer.evaluate", main))

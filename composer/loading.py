@@ -15,6 +15,7 @@ import torch
 from . import convert
 from .checkpoint import CheckpointError, check_finite, read_json, read_weights, strict_load
 from .clip import CLIPTextConfig, CLIPTextModel
+from .pipeline import Pipeline
 from .schedulers import SchedulerConfig
 from .tokenizer import CLIPTokenizer
 from .unet import UNet, UNetConfig
@@ -116,7 +117,8 @@ def load_single_file(path: str, *, dtype, device, backend, use_ema=False):
         names = convert.ldm_name_table(comp, m.state_dict().keys(), cfg)
         if comp == "unet" and use_ema:
             if sum(k.startswith("model_ema.") for k in sd) <= 100:
-                raise CheckpointError(f"{path}: use_ema=True but the file holds no EMA weights")
+                raise CheckpointError(f"{path}: use_ema=True but the file holds no EMA weights",
+                                      hints={"use_ema=True": "--ema"})
             names = {k: convert.ema_key(v) for k, v in names.items()}
         sub = {v: sd[v] for v in names.values() if v in sd}
         prefix = {"unet": convert.UNET_PREFIX, "vae": convert.VAE_PREFIX, "text_encoder": convert.CLIP_PREFIX}[comp]
@@ -148,7 +150,7 @@ def _component_file(folder: str) -> str:
     raise FileNotFoundError(f"{folder}: no weights file (diffusion_pytorch_model.safetensors, model.safetensors, ...)")
 
 
-def _read_component(folder: str) -> tuple[dict, str]:
+def read_component(folder: str) -> tuple[dict, str]:
     f = _component_file(folder)
     if f.endswith(".index.json"):
         shards = sorted(set(read_json(f)["weight_map"].values()))
@@ -171,7 +173,7 @@ def load_diffusers_folder(path: str, *, dtype, device, backend):
                               f"{ucfg.cross_attention_dim}")
     models = {}
     for comp, cls, cfg in (("unet", UNet, ucfg), ("vae", AutoencoderKL, vcfg), ("text_encoder", CLIPTextModel, ccfg)):
-        sd, f = _read_component(os.path.join(path, comp))
+        sd, f = read_component(os.path.join(path, comp))
         if comp == "text_encoder":
             sd = {k: v for k, v in _normalize_clip_keys(sd).items() if not k.endswith("position_ids")}
         check_finite(sd, f)
@@ -189,7 +191,6 @@ def load(path, *, dtype=torch.float32, device="cpu", tokenizer=None, attention: 
     ``tokenizer``: tokenizer files (a folder, tokenizer.json or the BPE .txt.gz) to override the default: a
     diffusers folder's own ``tokenizer/``, else SD1.x's CLIP vocabulary shipped with the package. ``vae_dtype`` defaults to fp32 (fp16 VAEs overflow, formats.md §7).
     """
-    from .pipeline import Pipeline
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"model path not found: {path}")
@@ -204,5 +205,7 @@ def load(path, *, dtype=torch.float32, device="cpu", tokenizer=None, attention: 
     # a single file carries no tokenizer: SD1.x's own CLIP vocabulary ships with the package
     tok = CLIPTokenizer.from_file(tok_src) if tok_src is not None else CLIPTokenizer.default()
     vae = models["vae"] if vae_dtype is None else models["vae"].to(dtype=vae_dtype)
+    source = {"name": os.path.basename(os.path.normpath(path)), "path": os.path.abspath(path),
+              "kind": "diffusers folder" if os.path.isdir(path) else "single file"}
     return Pipeline(models["unet"].eval(), models["text_encoder"].eval(), vae.eval(), tok, scfg,
-                    dtype=dtype, device=torch.device(device))
+                    dtype=dtype, device=torch.device(device), attention=attention, source=source)

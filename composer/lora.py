@@ -28,7 +28,10 @@ import torch
 
 from . import convert
 from .checkpoint import CheckpointError, load_pickle, load_safetensors
+from .clip import CLIPTextConfig, CLIPTextModel
+from .io import save_safetensors
 from .layers import Adapter, Conv2d, lora_layers
+from .unet import UNet, UNetConfig
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +342,8 @@ def resolve(raw: RawLoRA, table: dict, *, multiplier: float = 1.0, strict: bool 
         modules.append(LoRAModule(model, path, name, Adapter(d2, u2 * (scale * multiplier), m2), rank, scale))
     if unmatched and strict:
         raise CheckpointError(f"{raw.path}: {len(unmatched)} LoRA module(s) match no layer of the loaded model, e.g. "
-                              f"{unmatched[:5]} (pass strict=False to load the rest with a warning)")
+                              f"{unmatched[:5]} (strict=False loads the rest with a warning)",
+                              hints={"strict=False": "--no-lora-strict"})
     if unmatched:
         log.warning("%s: %d unmatched LoRA module(s) ignored: %s", raw.path, len(unmatched), unmatched)
     if not modules and not raw.embeddings:
@@ -413,6 +417,48 @@ class LoRASet:
             del self.concepts[w]
 
 
+_TRIGGER_KEYS = ("modelspec.trigger_phrase", "trigger_phrase", "trigger_words", "trigger", "activation text",
+                 "activation_text", "ss_trigger_words")
+
+
+def trigger_words(metadata: dict) -> tuple[list, str | None]:
+    """A community LoRA's trigger words from its safetensors metadata -> (words, where they came from).
+
+    In order: an explicit field (``modelspec.trigger_phrase``, or a ``trigger``/``activation text`` style key; a
+    comma-separated list), else kohya's training metadata ``ss_tag_frequency`` ({dataset: {tag: count}}): the
+    most frequent tags (a trigger word is in every caption, so it has the top count; ties are all kept, at most 5).
+    """
+    lower = {k.lower(): v for k, v in (metadata or {}).items()}
+    for key in _TRIGGER_KEYS:
+        v = lower.get(key)
+        if isinstance(v, str) and v.strip():
+            try:  # some tools store a JSON list
+                parsed = json.loads(v)
+                words = [str(w) for w in parsed] if isinstance(parsed, list) else [v]
+            except json.JSONDecodeError:
+                words = [v]
+            words = [w.strip() for x in words for w in x.split(",") if w.strip()]
+            if words:
+                return words, key
+    freq = lower.get("ss_tag_frequency")
+    if isinstance(freq, str) and freq.strip():
+        try:
+            data = json.loads(freq)
+        except json.JSONDecodeError:
+            return [], None
+        counts: dict = {}
+        for tags in (data.values() if isinstance(data, dict) else ()):
+            if isinstance(tags, dict):
+                for tag, n in tags.items():
+                    if isinstance(n, (int, float)):
+                        counts[tag.strip()] = counts.get(tag.strip(), 0) + n
+        if counts:
+            top = max(counts.values())
+            return sorted((t for t, n in counts.items() if n == top and t), key=lambda t: (-len(t), t))[:5], \
+                "ss_tag_frequency"
+    return [], None
+
+
 def describe_lora(path: str) -> str:
     """Human summary for weights_tools.inspect: format, targets, ranks, alphas, concept tokens."""
     raw = read_lora(path)
@@ -432,20 +478,25 @@ def describe_lora(path: str) -> str:
         lines.append(" PEFT config present (lora_alpha / r from metadata)")
     if raw.embeddings:
         lines.append(" concept tokens: " + ", ".join(f"{w} {tuple(e.shape)}" for w, e in raw.embeddings.items()))
+    words, source = trigger_words(raw.metadata)
+    if words:
+        lines.append(f" trigger words: {', '.join(repr(w) for w in words)} (from {source})")
+    elif raw.kind != "edlora":
+        lines.append(" trigger words: none recorded in the file's metadata")
     return "\n".join(lines)
 
 
 # --- conversions (weights_tools.convert) ----------------------------------------------------------------
 
 def _sd15_table():
-    from .clip import CLIPTextConfig, CLIPTextModel
-    from .unet import UNet, UNetConfig
     with torch.device("meta"):
         return target_table(UNet(UNetConfig()), CLIPTextModel(CLIPTextConfig()))
 
 
 def convert_lora_cli(kind: str, src: str, dst: str):
-    from .tiny import _atomic_save
+    """edlora2st: an ED-LoRA .pth -> its safetensors form (everything kept). kohya2peft / peft2kohya: rename
+    between conventions, every module and the file's metadata kept; a file with something the target cannot carry
+    (ED-LoRA pseudo-word embeddings, LoHa/LoKr/Tucker factors) is refused, naming it."""
     raw = read_lora(src)
     if kind == "edlora2st":
         if raw.kind != "edlora":
@@ -454,8 +505,15 @@ def convert_lora_cli(kind: str, src: str, dst: str):
         out = {f"params.{ns}.{k}": v.contiguous() for ns, d in params.items() for k, v in d.items()}
         meta = {"format": "pt", "edlora": "1", "alpha": str(raw.bare_alpha),
                 "tokens": json.dumps(sorted(raw.embeddings))}
-        _atomic_save(out, dst, meta)
+        save_safetensors(out, dst, meta)
         return
+    if raw.embeddings:
+        raise CheckpointError(f"{src}: an ED-LoRA with pseudo-word embeddings {sorted(raw.embeddings)}; a "
+                              f"{'PEFT' if kind == 'kohya2peft' else 'kohya'} file cannot carry them (nor the bare "
+                              "alpha scale). Use edlora2st to convert it to safetensors instead")
+    want = {"kohya2peft": ("kohya", "lycoris", "diffusers-old"), "peft2kohya": ("peft", "diffusers-old")}[kind]
+    if raw.kind not in want:
+        raise CheckpointError(f"{src}: {kind} reads {' / '.join(want)} files, this is {raw.kind}")
     lora = resolve(raw, _sd15_table(), check_shapes=False)
     out = {}
     for m in lora.modules:
@@ -465,11 +523,17 @@ def convert_lora_cli(kind: str, src: str, dst: str):
         if kind == "kohya2peft":
             base = f"{m.model}.{m.path}"
             out[base + ".lora_A.weight"], out[base + ".lora_B.weight"] = a.down, a.up  # scale folded into B
-        elif kind == "peft2kohya":
+        else:
             base = ("lora_unet_" if m.model == "unet" else "lora_te_") + m.path.replace(".", "_")
             out[base + ".lora_down.weight"], out[base + ".lora_up.weight"] = a.down, a.up
             out[base + ".alpha"] = torch.tensor(float(m.rank))  # alpha = rank: scale 1, already folded
-    _atomic_save({k: v.contiguous() for k, v in out.items()}, dst, {"format": "pt", "converted_from": os.path.basename(src)})
+    n_in = sum(len([r for r in roles if r != "alpha"]) for roles in raw.modules.values())
+    n_out = sum(1 for k in out if not k.endswith(".alpha"))
+    if n_out != n_in:  # every factor of the source must be in the output
+        raise CheckpointError(f"{src}: {n_in} LoRA factors in, {n_out} out: refusing an incomplete conversion")
+    meta = {k: v for k, v in raw.metadata.items() if k not in ("lora_adapter_metadata", "peft_config")}
+    meta.update({"format": "pt", "converted_from": os.path.basename(src), "converted_by": f"weights_tools {kind}"})
+    save_safetensors({k: v.contiguous() for k, v in out.items()}, dst, meta)
 
 
 def _load_edlora_params(src: str) -> dict:

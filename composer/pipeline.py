@@ -1,33 +1,37 @@
-"""The Pipeline: UNet + text encoder + VAE + tokenizer + scheduler config, and plain text-to-image.
+"""The Pipeline: UNet + text encoder + VAE + tokenizer + scheduler config, and the one denoising loop.
 
 ``generate`` reproduces diffusers' ``StableDiffusionPipeline`` for the same seed: the initial latent is
 ``torch.randn((1, 4, H/8, W/8), generator=torch.Generator("cpu").manual_seed(seed))``, CFG runs as one
 batch [uncond, cond] with ``eps = u + g·(c − u)`` (Ho & Salimans 2022), latents stay fp32 between steps,
 and every step's latent is checked for NaN/Inf (formats.md §7).
+
+:meth:`Pipeline.denoise` is the only sampler loop: plain generation calls it bare; composition
+(composer/compose.py) passes the region attention and the latent optimiser as explicit, optional parts of
+each step, so a change to sampling is made once.
 """
 from __future__ import annotations
 
 import logging
+import os
 import re
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .attention import REGION_BACKEND, check_backend
+from .checkpoint import CheckpointError
+from .io import file_sha256
+from .layers import lora_layers
+from .lora import LoRASet, read_lora, resolve, target_table
 from .schedulers import SchedulerConfig, make_sampler
+from .spec import check_size
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteError(RuntimeError):
     pass
-
-
-def check_size(height: int, width: int, multiple: int = 8):
-    for name, v in (("height", height), ("width", width)):
-        if not isinstance(v, int) or v <= 0 or v % multiple:
-            near = max(multiple, int(round(v / multiple)) * multiple) if isinstance(v, (int, float)) and v > 0 else multiple
-            raise ValueError(f"{name}={v} must be a positive multiple of {multiple} (nearest valid: {near})")
 
 
 def to_pil(images: torch.Tensor) -> list:
@@ -38,23 +42,46 @@ def to_pil(images: torch.Tensor) -> list:
 
 class Pipeline:
     def __init__(self, unet, text_encoder, vae, tokenizer, scheduler_config: SchedulerConfig, *,
-                 dtype=torch.float32, device=torch.device("cpu")):
+                 dtype=torch.float32, device=torch.device("cpu"), attention: str = "sdpa", source: dict | None = None):
         self.unet, self.text_encoder, self.vae, self.tokenizer = unet, text_encoder, vae, tokenizer
         self.scheduler_config = scheduler_config
         self.dtype, self.device = dtype, torch.device(device)
+        self.attention = check_backend(attention)
+        self.source = source or {"name": "in-memory"}  # what the model was loaded from (name, path, sha256)
         for m in (unet, text_encoder, vae):
             m.requires_grad_(False)
-        from .lora import LoRASet
         self.loras = LoRASet()
         self.base_vocab = text_encoder.cfg.vocab_size
         # encoded-prompt cache for batches (composer/batch.py); 0 disables it. Cleared whenever LoRAs change.
         self.prompt_cache_mb = 0.0
         self._prompt_cache: dict = {}
 
+    def model_record(self) -> dict:
+        """What the model is, for image metadata: name and path, plus the sha256 of a single file (A1111's
+        "Model hash" is its first 10 hex digits)."""
+        rec = {k: v for k, v in self.source.items() if k in ("name", "path")}
+        if self.source.get("kind") == "single file":
+            rec["sha256"] = file_sha256(self.source["path"])
+        return rec
+
+    # --- attention backend -------------------------------------------------------------------------------
+
+    @property
+    def region_backend(self) -> str:
+        """The kernels/ backend for LoRA-Composer's masked attention that goes with :attr:`attention`."""
+        return REGION_BACKEND[self.attention]
+
+    def set_attention(self, backend: str):
+        """Switch every model's attention backend (and with it the region kernels)."""
+        self.attention = check_backend(backend)
+        for m in (self.unet, self.text_encoder, self.vae):
+            for mod in m.modules():
+                if hasattr(mod, "backend") and isinstance(mod.backend, str):
+                    mod.backend = backend
+
     # --- LoRAs ------------------------------------------------------------------------------------------------
 
     def _layers(self):
-        from .layers import lora_layers
         return {**{("unet", p): l for p, l in lora_layers(self.unet).items()},
                 **{("text_encoder", p): l for p, l in lora_layers(self.text_encoder).items()}}
 
@@ -67,11 +94,8 @@ class Pipeline:
         ``"region"``: attached but only used where a call selects it (LoRA-Composer's per-region concepts).
         ED-LoRA pseudo-words become usable in prompts. Returns the canonical LoRA (``.report()``).
         """
-        from .checkpoint import CheckpointError
-        from .lora import read_lora, resolve, target_table
         if mode not in ("merge", "live", "region"):
             raise ValueError(f"mode must be 'merge', 'live' or 'region', got {mode!r}")
-        import os
         name = name or os.path.splitext(os.path.basename(str(path)))[0]
         if name in self.loras.loras:
             raise ValueError(f"a LoRA named {name!r} is already loaded; pass name=... or unload it first")
@@ -178,7 +202,43 @@ class Pipeline:
                 raise NonFiniteError("VAE decode produced NaN/Inf (a bug or broken weights)")
         return img.float()
 
-    # --- text to image ------------------------------------------------------------------------------------
+    # --- the denoising loop --------------------------------------------------------------------------------
+
+    def make_sampler(self, name: str, steps: int, *, eta: float = 0.0, schedule: str = "current"):
+        """``schedule="official"`` gives DPM-Solver++ with diffusers 0.14's timesteps and final step (method.md §10)."""
+        final = "official" if schedule == "official" and name == "dpm++2m" else "zero"
+        return make_sampler(name, self.scheduler_config, steps, eta=eta, final=final)
+
+    def denoise(self, x, sch, context, guidance: float, *, generator=None, regions=None, optimiser=None,
+                callback=None):
+        """The one sampler loop. x [B, 4, h, w] (fp32) is the initial latent; ``context`` is [uncond; cond]
+        when guidance > 1, else cond only (either may be per layer, [L, N, 77, C]).
+
+        Optional parts of each step, in order:
+        - ``optimiser``: ``optimiser.step(i, t, x) -> x`` updates the latent before the CFG pass (LoRA-Composer's
+          test-time optimisation, method.md §7-8) and reports its loss in ``optimiser.last``;
+        - ``regions``: the region attention state (composer/regions.py) used by the CFG pass (§4, §5).
+        ``callback(i, n, **info)`` is called after every step.
+        """
+        n = len(sch.timesteps)
+        for i, t in enumerate(sch.timesteps):
+            post = {}
+            if optimiser is not None:
+                x = optimiser.step(i, t, x)
+                if optimiser.last is not None:
+                    post["loss"] = f"{optimiser.last:.3f}"
+            with torch.no_grad():
+                kw = {}
+                if regions is not None:
+                    kw["regions"] = regions.for_batch(("uncond", "cond") if context.shape[-3] == 2 * x.shape[0]
+                                                      else ("cond",), store=False)
+                e = self.eps(x, t, context, guidance, **kw)
+                x = sch.step(i, e, x, generator=generator)
+            if not torch.isfinite(x).all():
+                raise NonFiniteError(f"latent became NaN/Inf at step {i} (t={int(t)})")
+            if callback is not None:
+                callback(i, n, **post)
+        return x
 
     @torch.no_grad()
     def sample_latents(self, prompt: str, *, negative_prompt: str = "", height: int = 512, width: int = 512,
@@ -187,18 +247,10 @@ class Pipeline:
         check_size(height, width)
         if not isinstance(prompt, str):
             raise TypeError("prompt must be a string")
-        sch = make_sampler(sampler, self.scheduler_config, steps, eta=eta)
+        sch = self.make_sampler(sampler, steps, eta=eta)
         x, g = self.initial_latent(seed, height, width)
-        cfg = guidance > 1.0
-        ctx = self.encode_prompt([negative_prompt, prompt] if cfg else [prompt])
-        for i, t in enumerate(sch.timesteps):
-            e = self.eps(x, int(t), ctx, guidance)
-            x = sch.step(i, e, x, generator=g)
-            if not torch.isfinite(x).all():
-                raise NonFiniteError(f"latent became NaN/Inf at step {i} (t={int(t)})")
-            if callback is not None:
-                callback(i, len(sch.timesteps))
-        return x
+        ctx = self.encode_prompt([negative_prompt, prompt] if guidance > 1.0 else [prompt])
+        return self.denoise(x, sch, ctx, guidance, generator=g, callback=callback)
 
     def generate(self, prompt: str, **kw) -> Image.Image:
         """Text to image; keywords as in :meth:`sample_latents`. Returns a PIL image."""

@@ -1,9 +1,8 @@
-"""Tiny random-weight models with SD1.5's structure (4 levels, 16 cross-attention layers), for tests and
-the embedded demo, plus writers for both checkpoint layouts.
+"""Tiny random-weight models with SD1.5's structure (4 levels, 16 cross-attention layers), for tests, plus
+writers for both checkpoint layouts and random concept LoRAs (ED-LoRA and kohya) shaped for a given model.
 
-The demo needs a tokenizer without any download: ``byte_tokenizer()`` is a CLIP-framed byte-level BPE
-(no merges; BOS/EOS at SD1.5's ids 49406/49407), honest about being a stand-in. Real use passes real
-tokenizer files.
+``byte_tokenizer()`` is a CLIP-framed byte-level BPE (no merges; BOS/EOS at SD1.5's ids 49406/49407) kept for
+tests of tokenizer independence; models use SD1's real CLIP vocabulary (``CLIPTokenizer.default()``).
 """
 from __future__ import annotations
 
@@ -12,7 +11,9 @@ import os
 
 import torch
 
+from .layers import Conv2d
 from .clip import CLIPTextConfig, CLIPTextModel
+from .io import save_safetensors
 from .schedulers import SchedulerConfig
 from .tokenizer import CLIPTokenizer, _build, bytes_to_unicode
 from .unet import UNet, UNetConfig
@@ -42,13 +43,6 @@ def random_models(preset: str = "tiny", seed: int = 0, backend: str = "sdpa", st
     return unet.eval(), vae.eval(), te.eval()
 
 
-def _atomic_save(sd: dict, path: str, metadata: dict | None = None):
-    from safetensors.torch import save_file
-    tmp = path + ".tmp"
-    save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
-
-
 def save_diffusers(folder: str, unet, vae, te, tokenizer: CLIPTokenizer, sched: SchedulerConfig = SchedulerConfig()):
     """Write a diffusers-layout folder (the layout `save_pretrained` produces)."""
     for sub, m, cfg, fname in (("unet", unet, unet.cfg.to_diffusers(), "diffusion_pytorch_model.safetensors"),
@@ -57,7 +51,7 @@ def save_diffusers(folder: str, unet, vae, te, tokenizer: CLIPTokenizer, sched: 
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
         with open(os.path.join(folder, sub, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2)
-        _atomic_save(m.state_dict(), os.path.join(folder, sub, fname))
+        save_safetensors(m.state_dict(), os.path.join(folder, sub, fname))
     tokenizer.save(os.path.join(folder, "tokenizer"))
     os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
     with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
@@ -86,3 +80,22 @@ def random_edlora(pipe, words, seed: int = 0, rank: int = 4, key_style: str = "n
     L, C = len(pipe.unet.transformer_blocks()), pipe.text_encoder.cfg.hidden_size
     emb = {w: torch.randn(L, C, generator=g) * emb_std for w in words}
     return {"params": {"new_concept_embedding": emb, "text_encoder": te, "unet": unet}}
+
+
+def random_kohya(pipe, trigger: str, seed: int = 0, rank: int = 4, alpha: float = 2.0) -> tuple[dict, dict]:
+    """A random kohya LoRA for ``pipe`` (attn1/attn2 q/k/v/out, ff, the text encoder's attention and MLP) with
+    ``trigger`` recorded the way kohya's trainer records it (``ss_tag_frequency``). -> (tensors, metadata)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.1
+    sd = {}
+    for prefix, model, ends in (("lora_unet_", pipe.unet, (".to_q", ".to_k", ".to_v", ".to_out.0", ".ff.net.2")),
+                                ("lora_te_", pipe.text_encoder, ("_proj", ".fc1", ".fc2"))):
+        for path, layer in model.named_modules():
+            if path.endswith(ends) and not isinstance(layer, Conv2d) and hasattr(layer, "weight"):
+                base = prefix + path.replace(".", "_")
+                sd[base + ".lora_down.weight"] = r(rank, layer.weight.shape[1])
+                sd[base + ".lora_up.weight"] = r(layer.weight.shape[0], rank)
+                sd[base + ".alpha"] = torch.tensor(alpha)
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
+            "ss_tag_frequency": json.dumps({"10_" + trigger: {trigger: 20, "shape": 7}})}
+    return sd, meta

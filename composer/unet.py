@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from .layers import Conv2d, Linear
 from .attention import attention, check_backend, merge_heads, split_heads
@@ -201,13 +202,13 @@ class Transformer2DModel(nn.Module):
         self.proj_out = Conv2d(ch, ch, 1)
 
     def forward(self, x, context, regions=None):
-        b, c, h, w = x.shape
-        hs = self.proj_in(self.norm(x)).permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, C, h, w) -> (B, hw, C)
+        h, w = x.shape[-2:]
+        hs = rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")
         block = self.transformer_blocks[0]
         # per-layer contexts [L, B, 77, C] (ED-LoRA layer-wise embeddings) pick this layer's row
         ctx = context[block.attn2.layer_index] if isinstance(context, (list, tuple)) or context.ndim == 4 else context
         hs = block(hs, ctx, regions, (h, w))
-        hs = hs.reshape(b, h, w, c).permute(0, 3, 1, 2)
+        hs = rearrange(hs, "b (h w) c -> b c h w", h=h, w=w)
         return self.proj_out(hs) + x
 
 

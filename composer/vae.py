@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from .attention import attention, check_backend
 from .unet import Downsample2D, ResnetBlock2D, Upsample2D
@@ -63,11 +64,11 @@ class VAEAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(ch, ch), nn.Dropout(0.0)])
 
     def forward(self, x):
-        b, c, h, w = x.shape
-        hs = self.group_norm(x).view(b, c, h * w).transpose(1, 2)  # (B, C, h, w) -> (B, hw, C)
+        h, w = x.shape[-2:]
+        hs = rearrange(self.group_norm(x), "b c h w -> b (h w) c")
         q, k, v = (p(hs)[:, None] for p in (self.to_q, self.to_k, self.to_v))  # one head: (B, 1, hw, C)
         o = self.to_out[0](attention(q, k, v, backend=self.backend)[:, 0])
-        return o.transpose(1, 2).reshape(b, c, h, w) + x
+        return rearrange(o, "b (h w) c -> b c h w", h=h, w=w) + x
 
 
 class VAEMidBlock(nn.Module):

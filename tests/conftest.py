@@ -100,11 +100,11 @@ def our_pipe(ref_pipe_dir):
 @pytest.fixture(scope="session")
 def ldm_file(tmp_path_factory, our_pipe):
     """Our pipeline's weights exported to an LDM single file by weights_tools."""
-    from composer.tiny import _atomic_save
+    from composer.io import save_safetensors
     from weights_tools.ldm import to_ldm
     sd, meta = to_ldm(our_pipe.unet, our_pipe.vae, our_pipe.text_encoder)
     p = tmp_path_factory.mktemp("ldm") / "tiny.safetensors"
-    _atomic_save(sd, str(p), meta)
+    save_safetensors(sd, str(p), meta)
     return str(p)
 
 

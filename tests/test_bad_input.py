@@ -144,9 +144,13 @@ def test_leftover_keys_are_errors(ldm_file, tmp_path):
         composer.load(str(f), tokenizer="unused")
 
 
-def test_single_file_needs_tokenizer(ldm_file):
-    with pytest.raises(ValueError, match="pass tokenizer=PATH"):
-        composer.load(ldm_file)
+def test_single_file_loads_with_the_packaged_tokenizer(ldm_file, ref_pipe_dir):
+    """A single file carries no tokenizer: SD1's CLIP vocabulary ships with composer (no --tokenizer needed)."""
+    p = composer.load(ldm_file)
+    ref = composer.load(ref_pipe_dir)  # the folder's own tokenizer/ (saved by transformers)
+    prompts = ["a photo of a cat", "Hello,  WORLD!! 1234 don't", "café naïve"]
+    assert torch.equal(p.tokenizer(prompts), ref.tokenizer(prompts))
+    assert p.tokenizer.source == "packaged SD1 CLIP vocabulary"
 
 
 def test_empty_prompt_list(our_pipe):

@@ -51,10 +51,45 @@ def test_seed_forms():
     ('{"prompt": "a", "name": "bad name!"}', "line 1: name 'bad name!'"),
     ('{"prompt": "a", "seeds": "9-2"}', "line 1: seeds range"),
     ('{"prompt": "a", "height": 80, "regions": [{"prompt": "x", "box": [0, 0, 1, 1]}]}', "line 1: height=80"),
+    ('{"prompt": "a", "height": 72, "width": 72, "regions": [{"prompt": "x", "box": [0, 0, 1, 1]}]}',
+     "line 1: height=72 must be a positive multiple of 32 for composition"),
+    ('{"prompt": "a", "height": 60}', "line 1: height=60 must be a positive multiple of 8"),
+    ('{"prompt": "a", "sampler": "plms"}', "line 1: unknown sampler 'plms'"),
 ])
 def test_bad_lines_name_the_line(tmp_path, line, msg):
     with pytest.raises(ValueError, match=msg):
         read_jobs(write_jobs(tmp_path / "j.jsonl", [line]))
+
+
+def test_plain_sizes_follow_the_text_to_image_rule(tmp_path):
+    """72×72 is a valid text-to-image size (multiple of 8) though not a composition size."""
+    jobs = read_jobs(write_jobs(tmp_path / "j.jsonl", ['{"prompt": "a", "height": 72, "width": 72}']))
+    assert (jobs[0].spec.height, jobs[0].spec.width) == (72, 72)
+
+
+def test_everything_is_validated_before_the_first_image(ref_pipe_dir, concept, tmp_path):
+    """A missing file or an undefined pseudo-word on the LAST line stops the run before any image is made."""
+    from composer.batch import validate_jobs
+    pipe = composer.load(ref_pipe_dir)
+    good = {"name": "ok", "prompt": "x", "height": 64, "width": 64, "steps": 1}
+    cases = [({"name": "miss", "prompt": "x", "height": 64, "width": 64, "regions": [
+                 {"prompt": "a", "box": [0, 0, 1, 1], "lora": "nope.pth"}]}, r"line 2 .*regions\[0\]\.lora file not found"),
+             ({"name": "word", "prompt": "a <nope1>", "height": 64, "width": 64}, "line 2 .*pseudo-word <nope1>"),
+             ({"name": "mask", "prompt": "x", "height": 64, "width": 64, "regions": [
+                 {"prompt": "a", "mask": "m.png"}]}, r"line 2 .*mask file not found")]
+    for bad, msg in cases:
+        jp = write_jobs(tmp_path / "j.jsonl", [good, bad])
+        with pytest.raises((ValueError, FileNotFoundError), match=msg):
+            run_jobs(pipe, jp, str(tmp_path / "o"), quiet=True)
+        assert not (tmp_path / "o" / "ok").exists()  # nothing ran
+    # a region LoRA's own pseudo-words count as defined; paths resolve against the jobs file's folder
+    import shutil
+    shutil.copy(concept, tmp_path / "cat.pth")
+    jp = write_jobs(tmp_path / "j.jsonl", [{"prompt": "x", "height": 64, "width": 64, "regions": [
+        {"prompt": "a <cat1> <cat2>", "box": [0, 0, 1, 1], "lora": "cat.pth"}]}])
+    jobs = read_jobs(jp)
+    assert jobs[0].spec.regions[0].lora == str(tmp_path / "cat.pth")
+    validate_jobs(pipe, jobs)
 
 
 def test_duplicate_names_and_empty_file(tmp_path):
@@ -82,47 +117,107 @@ def test_run_resume_and_outputs(ref_pipe_dir, concept, tmp_path):
     assert s["plain"]["done"] == 2 and s["comp"]["done"] == 1
     side = json.load(open(out / "comp" / "5.json"))
     assert side["spec"]["seed"] == 5 and side["versions"]["torch"] == torch.__version__
+    assert side["spec"]["model"]["path"] == os.path.abspath(ref_pipe_dir)  # jobs record the model
+    assert side["spec"]["regions"][0]["lora"]["name"] == "cat.pth" and len(side["spec"]["regions"][0]["lora"]["sha256"]) == 64
     assert side["seconds"] > 0 and side["memory"]["process_peak_rss_mb"] > 0 and side["info"]["optimised_steps"] == 2
+    plain = json.load(open(out / "plain" / "1.json"))["spec"]
+    assert "regions" not in plain and "enhance" not in plain  # text-to-image jobs carry no composition fields
     img = Image.open(out / "plain" / "1.png")
     direct = pipe.generate("a photo", height=64, width=64, steps=2, seed=1, sampler="dpm++2m")
     assert (torch.tensor(list(img.getdata())) == torch.tensor(list(direct.getdata()))).all()
-    # simulate a kill: one image and its sidecar lost, a stray temporary file left
+    # simulate a kill: one sidecar lost, a stray temporary file left behind
+    kept = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (out / "plain" / "1.png", out / "plain" / "1.json",
+                                                                out / "comp" / "5.png", out / "comp" / "5.json")}
     os.remove(out / "plain" / "0.json")
-    (out / "plain" / ".0.png.999.tmp").write_bytes(b"partial")
+    stray = out / "plain" / ".0.png.a1b2c3.tmp"
+    stray.write_bytes(b"partial")
     s2 = run_jobs(pipe, jp, str(out), quiet=True)
     assert s2["plain"] == {"done": 1, "skipped": 1, "failed": 0, "seconds": s2["plain"]["seconds"]}
     assert s2["comp"]["skipped"] == 1
+    assert not stray.exists() and not [p for p in os.listdir(out / "plain") if p.endswith(".tmp")]
+    for p, (data, mtime) in kept.items():  # completed outputs are skipped untouched, byte for byte
+        assert p.read_bytes() == data and p.stat().st_mtime_ns == mtime
     assert not (out / "failures.jsonl").exists()
+
+
+def _empty_mask(tmp_path):
+    m = tmp_path / "empty.png"
+    Image.new("L", (64, 64), 0).save(m)
+    return str(m)
 
 
 def test_failure_is_logged_and_batch_goes_on(ref_pipe_dir, tmp_path):
     pipe = composer.load(ref_pipe_dir)
     jp = write_jobs(tmp_path / "jobs.jsonl", [
         {"name": "bad", "prompt": "x", "height": 64, "width": 64, "steps": 1,
-         "regions": [{"prompt": "a", "box": [0, 0, 1, 1], "lora": str(tmp_path / "missing.pth")}]},
+         "regions": [{"prompt": "a", "mask": _empty_mask(tmp_path)}]},  # fails only when it runs
         {"name": "good", "prompt": "x", "height": 64, "width": 64, "steps": 1}])
     s = run_jobs(pipe, jp, str(tmp_path / "o"), quiet=True)
     assert s["bad"]["failed"] == 1 and s["good"]["done"] == 1
     rec = json.loads((tmp_path / "o" / "failures.jsonl").read_text().splitlines()[0])
-    assert rec["job"] == "bad" and "missing.pth" in rec["error"] and rec["line"] == 1
+    assert rec["job"] == "bad" and "is empty" in rec["error"] and rec["line"] == 1
     assert not (tmp_path / "o" / "bad" / "0.png").exists()
 
 
 def test_cli_exit_status_and_summary(ref_pipe_dir, tmp_path, capsys):
-    from composer.sample import main
+    from composer.cli import run
+    from composer.sample import PROG, main
     jp = write_jobs(tmp_path / "jobs.jsonl", [
         {"name": "ok", "prompt": "x", "height": 64, "width": 64, "steps": 1},
-        {"name": "bad", "prompt": "a <nope1>", "height": 64, "width": 64, "steps": 1}])
+        {"name": "bad", "prompt": "x", "height": 64, "width": 64, "steps": 1,
+         "regions": [{"prompt": "a", "mask": _empty_mask(tmp_path)}]}])
     assert main(["--model", ref_pipe_dir, "--jobs", jp, "--out-dir", str(tmp_path / "o"), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert "total" in err and "1 item(s) failed" in err
+    # a validation error is a usage error (exit 2) before anything runs
+    jp2 = write_jobs(tmp_path / "jobs2.jsonl", [{"name": "w", "prompt": "a <nope1>", "height": 64, "width": 64}])
+    assert run(PROG, main, ["--model", ref_pipe_dir, "--jobs", jp2, "--out-dir", str(tmp_path / "o2"), "--quiet"]) == 2
+    assert "line 1 (job 'w'): prompt 'a <nope1>' names pseudo-word <nope1>" in capsys.readouterr().err
+    assert not (tmp_path / "o2" / "w").exists()
+
+
+def test_lora_cache_evicts_least_recently_used(ref_pipe_dir, our_pipe, tmp_path):
+    from composer.batch import LoRACache
+    from composer.compose import region_lora_name
+    from composer.spec import ComposeSpec
+    from composer.tiny import random_edlora
+    pipe = composer.load(ref_pipe_dir)
+    paths = []
+    for i, w in enumerate(("ant", "bee", "cow")):
+        p = tmp_path / f"{w}.pth"
+        torch.save(random_edlora(our_pipe, [f"<{w}1>", f"<{w}2>"], seed=i), str(p))
+        paths.append(str(p))
+    def spec(i):
+        return ComposeSpec.from_dict({"prompt": "x", "height": 64, "width": 64, "regions": [
+            {"prompt": "a", "box": [0, 0, 1, 1], "lora": paths[i]}]})
+    one = None
+    for i in range(3):
+        from composer.compose import _ensure_region_lora
+        _ensure_region_lora(pipe, paths[i], 1.0)
+        name = region_lora_name(paths[i], 1.0)
+        one = one or sum(a.nbytes() for l in pipe.loras.live[name] for a in [l.adapters[name]])
+    cache = LoRACache(pipe, budget_mb=2.5 * one / 2**20)  # room for two adapters
+    for i in (0, 1, 2):
+        cache.order[region_lora_name(paths[i], 1.0)] = True
+    cache.touch(spec(0))  # 0 is now the most recent; 1 is the least recently used
+    loaded = {p for p in paths if region_lora_name(p, 1.0) in pipe.loras.loras}
+    assert loaded == {paths[0], paths[2]}
+    cache.touch(spec(1))  # reload of 1 is needed by the next job: now 2 goes
+    _ensure_region_lora(pipe, paths[1], 1.0)
+    cache.touch(spec(1))
+    loaded = {p for p in paths if region_lora_name(p, 1.0) in pipe.loras.loras}
+    assert loaded == {paths[0], paths[1]}
 
 
 def test_torchrun_two_ranks_gloo(ref_pipe_dir, concept, tmp_path):
     jp = write_jobs(tmp_path / "jobs.jsonl", jobs_lines(concept))
     out = tmp_path / "dist"
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+    import socket
+    with socket.socket() as sock:  # a free port, not a fixed one
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
                         "-m", "composer.sample", "--model", ref_pipe_dir, "--jobs", jp, "--out-dir", str(out),
                         "--quiet", "--device", "cpu"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

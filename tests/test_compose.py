@@ -243,10 +243,9 @@ def test_reinit_copies_best_window_and_keeps_stats():
                                      ([100, 0, 50, 64], "empty or inverted"), ([0, 0, 1], "4 numbers"),
                                      ([-0.1, 0, 0.5, 0.5], "negative")])
 def test_bad_boxes(pipe, concepts, box, msg):
-    spec = ComposeSpec.from_dict(dict(prompt="x", height=128, width=128, steps=1,
-                                      regions=[{"prompt": "a <cat1> <cat2>", "box": box, "lora": concepts[0]}]))
-    with pytest.raises(ValueError, match=msg):
-        compose_latents(pipe, spec)
+    with pytest.raises(ValueError, match=msg):  # refused when the spec is read, before anything is loaded
+        ComposeSpec.from_dict(dict(prompt="x", height=128, width=128, steps=1,
+                                   regions=[{"prompt": "a <cat1> <cat2>", "box": box, "lora": concepts[0]}]))
 
 
 def test_too_many_regions(pipe):
@@ -299,8 +298,8 @@ def test_cli_spec_debug_dir_and_flags(ref_pipe_dir, concepts, tmp_path):
     out, dbg = tmp_path / "o.png", tmp_path / "dbg"
     assert main(["--model", ref_pipe_dir, "--spec", str(f), "--out", str(out), "--debug-dir", str(dbg), "--quiet"]) == 0
     files = set(os.listdir(dbg))
-    assert {"layout.png", "loss.png", "losses.json"} <= files and any(x.startswith("attn_step000") for x in files)
-    p = json.loads(Image.open(out).text["parameters"])
+    assert {"layout.png", "attention.png", "loss.png", "losses.json"} <= files
+    p = json.loads(Image.open(out).text["composer"])
     assert p["seed"] == 1 and len(p["regions"]) == 2
     pipe = composer.load(ref_pipe_dir)
     api = compose(pipe, ComposeSpec.from_dict(spec))
@@ -309,7 +308,7 @@ def test_cli_spec_debug_dir_and_flags(ref_pipe_dir, concepts, tmp_path):
     out2 = tmp_path / "o2.png"
     main(["--model", ref_pipe_dir, "--spec", str(f), "--seed", "2", "--no-enhance", "--no-isolate", "--out", str(out2),
           "--quiet"])
-    p2 = json.loads(Image.open(out2).text["parameters"])
+    p2 = json.loads(Image.open(out2).text["composer"])
     assert p2["seed"] == 2 and p2["enhance"] is False and p2["isolate"] is False
 
 
@@ -337,7 +336,7 @@ def test_embedded_demo_composes(tmp_path, capsys):
     out = tmp_path / "demo.png"
     assert main(["--out", str(out), "--quiet"]) == 0
     assert "composing 2 random concepts" in capsys.readouterr().err
-    p = json.loads(Image.open(out).text["parameters"])
+    p = json.loads(Image.open(out).text["composer"])
     assert len(p["regions"]) == 2 and Image.open(out).size == (128, 128)
 
 

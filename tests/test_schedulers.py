@@ -62,18 +62,34 @@ def test_spacing_follows_config():
 
 
 def test_official_dpm_schedule():
-    """diffusers 0.14 (method.md §10): 999, 979, ..., 20, last update to t = 0 (ᾱ_0), second order throughout."""
+    """diffusers 0.14 (method.md §10): 999, 979, ..., 20; second order at every step after the first, the last
+    one included, and the last update going to t = 0 (ᾱ_0, σ small but not zero). Checked against a by-hand
+    DPM-Solver++(2M) in (α, σ, λ) read off ᾱ_t, over all 50 steps."""
     s = DPMSolverPP2M(CFG, 50, final="official")
-    assert s.timesteps[0] == 999 and s.timesteps[1] == 979 and s.timesteps[-1] == 20
+    ts = list(s.timesteps)
+    assert ts[:2] == [999, 979] and ts[-1] == 20 and len(ts) == 50
     ac = CFG.alphas_cumprod()
-    assert s.alpha[-1] == pytest.approx(np.sqrt(ac[0])) and s.sigma[-1] > 0
-    # by hand: first-order first step in λ
-    x, eps = torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4)
-    a0, s0, a1, s1 = (np.sqrt(ac[999]), np.sqrt(1 - ac[999]), np.sqrt(ac[979]), np.sqrt(1 - ac[979]))
-    x0 = (x - s0 * eps) / a0
-    h = np.log(a1 / s1) - np.log(a0 / s0)
-    want = (s1 / s0) * x - a1 * (np.exp(-h) - 1) * x0
-    torch.testing.assert_close(s.step(0, eps, x), want.float(), rtol=1e-5, atol=1e-5)
+    targets = ts[1:] + [0]  # the final update goes to t = 0
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 4, 4, generator=g)
+    ref, prev = x.clone().double(), None
+    lam = lambda t: np.log(np.sqrt(ac[t]) / np.sqrt(1 - ac[t]))
+    for i, (t_s, t_t) in enumerate(zip(ts, targets)):
+        eps = torch.randn(1, 4, 4, 4, generator=g)
+        x = s.step(i, eps, x)
+        a_s, s_s, a_t, s_t = np.sqrt(ac[t_s]), np.sqrt(1 - ac[t_s]), np.sqrt(ac[t_t]), np.sqrt(1 - ac[t_t])
+        d0 = (ref - s_s * eps.double()) / a_s
+        h = lam(t_t) - lam(t_s)
+        new = (s_t / s_s) * ref - a_t * np.expm1(-h) * d0
+        if prev is not None:  # second order (midpoint) from the second step on, the last one too
+            r = (lam(t_s) - lam(ts[i - 1])) / h
+            new = new - 0.5 * a_t * np.expm1(-h) * (d0 - prev) / r
+        ref, prev = new, d0
+        torch.testing.assert_close(x.double(), ref, rtol=1e-5, atol=1e-5, msg=f"step {i}")
+    assert s.alpha[-1] == pytest.approx(np.sqrt(ac[0])) and s.sigma[-1] == pytest.approx(np.sqrt(1 - ac[0]))
+    # below 15 steps the last step is first order (diffusers' lower_order_final)
+    s10 = DPMSolverPP2M(CFG, 10, final="official")
+    assert s10.first_order_last and not s.first_order_last
 
 
 def test_bad_sampler_args():

@@ -53,4 +53,79 @@ def test_make_tiny_both_layouts_agree(tmp_path, bpe_path):
     x, ids = torch.randn(1, 4, 8, 8), a.tokenizer(["hello"])
     with torch.no_grad():
         assert torch.equal(a.unet(x, 1, a.text_encoder(ids)), b.unet(x, 1, b.text_encoder(ids)))
-    assert sorted(os.listdir(tmp_path)) == ["diffusers", "model.safetensors", "tokenizer"]
+    assert sorted(os.listdir(tmp_path)) == ["concepts", "diffusers", "model.safetensors", "spec.json", "tokenizer"]
+
+
+def test_make_tiny_example_concepts_and_spec_compose(tmp_path):
+    """make_tiny's walkthrough: its spec (paths relative to the spec file) composes an ED-LoRA and a kohya concept."""
+    import json
+    from PIL import Image
+    from composer.sample import main
+    make_tiny(str(tmp_path / "tiny"), seed=1)
+    spec = json.loads((tmp_path / "tiny" / "spec.json").read_text())
+    assert [r["lora"] for r in spec["regions"]] == ["concepts/cat.safetensors", "concepts/dog.safetensors"]
+    out = tmp_path / "composed.png"
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # the spec's paths must not depend on the current folder
+    try:
+        assert main(["--spec", str(tmp_path / "tiny" / "spec.json"), "--out", str(out), "--quiet"]) == 0
+    finally:
+        os.chdir(cwd)
+    rec = json.loads(Image.open(out).text["composer"])
+    assert [r["lora"]["name"] for r in rec["regions"]] == ["cat.safetensors", "dog.safetensors"]
+    assert rec["model"]["path"] == str(tmp_path / "tiny" / "diffusers")
+    assert "edlora" in inspect_path(str(tmp_path / "tiny" / "concepts" / "cat.safetensors"))
+    assert "trigger words: 'sks dog'" in inspect_path(str(tmp_path / "tiny" / "concepts" / "dog.safetensors"))
+
+
+def test_inspect_every_loader_format(tmp_path, our_pipe, ref_pipe_dir, bpe_path):
+    from composer.io import save_safetensors
+    from composer.tiny import random_edlora, random_kohya
+    pth = tmp_path / "cat.pth"
+    torch.save(random_edlora(our_pipe, ["<cat1>", "<cat2>"], seed=1), str(pth))
+    s = inspect_path(str(pth))  # used to crash on the 'params' dict
+    assert "LoRA (edlora)" in s and "<cat1> (16, 32)" in s and "bare alpha 1.0" in s
+    tok = inspect_path(os.path.join(ref_pipe_dir, "tokenizer"))
+    assert "tokenizer folder" in tok and "49408 ids" in tok and "48894 merges" in tok
+    assert "49408 ids" in inspect_path(bpe_path)
+    s = inspect_path(ref_pipe_dir)
+    assert "UNet2DConditionModel" in s and "49408 ids" in s and "scheduler_config.json" in s
+    assert "model component folder" in inspect_path(os.path.join(ref_pipe_dir, "unet"))
+    sd, meta = random_kohya(our_pipe, "zkx", seed=2)
+    save_safetensors(sd, str(tmp_path / "k.safetensors"), {**meta, "modelspec.trigger_phrase": "zkx shape"})
+    assert "trigger words: 'zkx shape' (from modelspec.trigger_phrase)" in inspect_path(str(tmp_path / "k.safetensors"))
+    peft_dir = tmp_path / "peft"
+    peft_dir.mkdir()
+    save_safetensors({"base_model.model.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight":
+                      torch.zeros(2, 32),
+                      "base_model.model.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_B.weight":
+                      torch.zeros(32, 2)}, str(peft_dir / "adapter_model.safetensors"))
+    (peft_dir / "adapter_config.json").write_text('{"r": 2, "lora_alpha": 4}')
+    s = inspect_path(str(peft_dir))
+    assert "LoRA (peft)" in s and "PEFT config present" in s
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        inspect_path(str(tmp_path / "missing.safetensors"))
+
+
+def test_lora_conversions_keep_everything_or_refuse(tmp_path, our_pipe):
+    from safetensors import safe_open
+    from composer.checkpoint import CheckpointError
+    from composer.io import save_safetensors
+    from composer.tiny import random_edlora, random_kohya
+    pth = tmp_path / "cat.pth"
+    torch.save(random_edlora(our_pipe, ["<cat1>", "<cat2>"], seed=1), str(pth))
+    with pytest.raises(CheckpointError, match=r"pseudo-word embeddings \['<cat1>', '<cat2>'\].*edlora2st"):
+        wconvert.main(["kohya2peft", str(pth), str(tmp_path / "x.safetensors")])
+    assert not (tmp_path / "x.safetensors").exists()
+    sd, meta = random_kohya(our_pipe, "zkx", seed=2)
+    src = tmp_path / "k.safetensors"
+    save_safetensors(sd, str(src), meta)
+    dst = tmp_path / "p.safetensors"
+    wconvert.main(["kohya2peft", str(src), str(dst)])
+    with safe_open(str(dst), "pt") as f:
+        out_meta, keys = f.metadata(), list(f.keys())
+    assert out_meta["ss_tag_frequency"] == meta["ss_tag_frequency"]  # metadata (the trigger word) carried over
+    assert len(keys) == sum(1 for k in sd if not k.endswith(".alpha"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(dst).st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, not mkstemp's 0600

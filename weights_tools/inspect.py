@@ -1,24 +1,32 @@
-"""python -m weights_tools.inspect FILE_OR_DIR — what is in a weights file or folder.
+"""python -m weights_tools.inspect PATH — what is in a file or folder, for every format composer's loaders read.
 
-Detects the format (diffusers folder, LDM single file, standalone VAE, LoRA kinds when the LoRA module is
-present) and prints the components with tensor counts, dtypes and sizes. Reads pickles only with
-weights_only=True.
+- models: a diffusers folder (components, configs, tokenizer, scheduler), one component folder, an SD1.x single
+  file (.safetensors / .ckpt, with EMA and schedule buffers), a standalone VAE;
+- LoRAs: kohya / A1111 (LoCon, LoHa, LoKr), PEFT / diffusers (a file, or a folder with adapter_config.json),
+  old diffusers attn-procs, Mix-of-Show ED-LoRA (.pth or converted .safetensors) — with ranks, scales, concept
+  tokens and trigger words;
+- tokenizers: a tokenizer/ folder, a tokenizer.json, the CLIP BPE .txt.gz; a scheduler config.
+Pickles are read only with ``torch.load(weights_only=True)``; nothing in them is executed.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import sys
 
+
 from composer import convert
-from composer.checkpoint import read_weights
+from composer.checkpoint import CheckpointError, load_pickle, read_json, read_weights, unwrap
+
+PROG = "python -m weights_tools.inspect"
 
 
-def _human(n: int) -> str:
+def _human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
 
 
@@ -43,13 +51,10 @@ def summarize(sd: dict, groups: dict) -> list[str]:
 
 
 def classify_file(sd: dict) -> str:
-    try:
-        from composer.lora import detect_lora_format
-        kind = detect_lora_format(sd)
-        if kind:
-            return f"LoRA ({kind})"
-    except ImportError:
-        pass
+    from composer.lora import detect_lora_format
+    kind = detect_lora_format(sd)
+    if kind:
+        return f"LoRA ({kind})"
     if any(k.startswith("conditioner.embedders.") for k in sd):
         return "SDXL single file (not supported)"
     if any(k.startswith("cond_stage_model.model.") for k in sd):
@@ -65,44 +70,133 @@ def classify_file(sd: dict) -> str:
     return "unknown"
 
 
-def inspect_path(path: str) -> str:
-    out = [f"{path}:"]
-    if os.path.isdir(path):
-        from composer.loading import _read_component
-        out[0] += " diffusers folder"
+# --- tokenizers and configs -----------------------------------------------------------------------------
+
+def describe_tokenizer(path: str) -> list[str]:
+    from composer.tokenizer import CLIPTokenizer
+    tok = CLIPTokenizer.from_file(path)
+    data = json.loads(tok.tok.to_str())
+    merges = len(data["model"]["merges"])
+    added = [t["content"] for t in data.get("added_tokens", []) if t["content"] not in ("<|startoftext|>", "<|endoftext|>")]
+    ids = tok(["a photo of a cat"])[0].tolist()
+    lines = [f" CLIP BPE tokenizer: {len(tok)} ids, {merges} merges, BOS 49406 / EOS 49407, padded with EOS to 77",
+             f" 'a photo of a cat' -> {ids[:ids.index(49407) + 1]}"]
+    if added:
+        lines.append(f" added tokens: {added[:10]}")
+    return lines
+
+
+def describe_config(path: str, cfg: dict) -> list[str]:
+    name = cfg.get("_class_name") or ",".join(cfg.get("architectures", [])) or "?"
+    keys = ("block_out_channels", "layers_per_block", "cross_attention_dim", "attention_head_dim", "in_channels",
+            "latent_channels", "scaling_factor", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "vocab_size", "beta_schedule", "beta_start", "beta_end", "num_train_timesteps", "prediction_type",
+            "timestep_spacing", "steps_offset")
+    shown = ", ".join(f"{k}={cfg[k]}" for k in keys if k in cfg)
+    return [f"  {os.path.basename(path)}: {name}" + (f" ({shown})" if shown else "")]
+
+
+# --- folders ------------------------------------------------------------------------------------------------
+
+def _is_tokenizer_dir(path: str) -> bool:
+    return (os.path.exists(os.path.join(path, "vocab.json")) and os.path.exists(os.path.join(path, "merges.txt"))) \
+        or os.path.exists(os.path.join(path, "tokenizer.json"))
+
+
+def inspect_dir(path: str) -> list[str]:
+    from composer.loading import read_component
+    out = []
+    if any(os.path.isdir(os.path.join(path, s)) for s in ("unet", "vae", "text_encoder")):
+        out.append(f"{path}: diffusers folder"
+                   + (" (model_index.json)" if os.path.exists(os.path.join(path, "model_index.json")) else ""))
         for sub in ("unet", "vae", "text_encoder"):
-            if os.path.isdir(os.path.join(path, sub)):
-                sd, f = _read_component(os.path.join(path, sub))
-                out.append(f" {sub}: {os.path.relpath(f, path)}")
-                out += summarize(sd, {"all": lambda k: True})
-        for sub in ("tokenizer", "scheduler"):
-            if os.path.isdir(os.path.join(path, sub)):
-                out.append(f" {sub}: {', '.join(sorted(os.listdir(os.path.join(path, sub))))}")
-        return "\n".join(out)
-    sd, meta = read_weights(path)
-    kind = classify_file(sd)
-    out[0] += f" {kind}, {len(sd)} tensors"
-    if kind.startswith("LoRA"):
-        from composer.lora import describe_lora
-        out.append(describe_lora(path))
+            d = os.path.join(path, sub)
+            if not os.path.isdir(d):
+                out.append(f" {sub}: missing")
+                continue
+            sd, f = read_component(d)
+            out.append(f" {sub}: {os.path.relpath(f, path)}")
+            if os.path.exists(os.path.join(d, "config.json")):
+                out += describe_config(os.path.join(d, "config.json"), read_json(os.path.join(d, "config.json")))
+            out += summarize(sd, {"weights": lambda k: True})
+        tok = os.path.join(path, "tokenizer")
+        if os.path.isdir(tok):
+            out.append(" tokenizer:")
+            out += [" " + l for l in describe_tokenizer(tok)]
+        else:
+            out.append(" tokenizer: none (composer uses SD1.x's CLIP vocabulary shipped with the package)")
+        sch = os.path.join(path, "scheduler", "scheduler_config.json")
+        if os.path.exists(sch):
+            out.append(" scheduler:")
+            out += describe_config(sch, read_json(sch))
+        return out
+    if _is_tokenizer_dir(path):
+        return [f"{path}: tokenizer folder"] + describe_tokenizer(path)
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if os.path.exists(os.path.join(path, name)):
+            return inspect_file(os.path.join(path, name))
+    if os.path.exists(os.path.join(path, "config.json")):
+        sd, f = read_component(path)
+        return [f"{path}: model component folder ({os.path.basename(f)})"] + \
+            describe_config(os.path.join(path, "config.json"), read_json(os.path.join(path, "config.json"))) + \
+            summarize(sd, {"weights": lambda k: True})
+    raise CheckpointError(f"{path}: not a folder composer reads (no unet/vae/text_encoder, tokenizer files, "
+                          "adapter_model.* or config.json)")
+
+
+# --- files -----------------------------------------------------------------------------------------------------
+
+def inspect_file(path: str) -> list[str]:
+    from composer.lora import describe_lora
+    low = path.lower()
+    if low.endswith(".gz") or os.path.basename(low) == "tokenizer.json":
+        return [f"{path}: tokenizer file"] + describe_tokenizer(path)
+    if low.endswith(".json"):
+        cfg = read_json(path)
+        return [f"{path}: JSON config"] + describe_config(path, cfg)
+    meta = {}
+    if low.endswith((".ckpt", ".pt", ".pth", ".bin")):
+        obj = load_pickle(path)
+        if isinstance(obj, dict) and isinstance(obj.get("params"), dict):  # Mix-of-Show ED-LoRA
+            return [f"{path}: LoRA (edlora), pickle read with weights_only=True"] + describe_lora(path).split("\n")
+        sd = unwrap(obj, path)
     else:
+        sd, meta = read_weights(path)
+    kind = classify_file(sd)
+    out = [f"{path}: {kind}, {len(sd)} tensors, {_human(os.path.getsize(path))}"]
+    if kind.startswith("LoRA"):
+        out += describe_lora(path).split("\n")
+    else:
+        ema = sum(k.startswith("model_ema.") for k in sd)
         out += summarize(sd, {"unet": lambda k: k.startswith(convert.UNET_PREFIX),
                               "unet EMA": lambda k: k.startswith("model_ema."),
-                              "vae": lambda k: k.startswith(convert.VAE_PREFIX),
+                              "vae": lambda k: k.startswith(convert.VAE_PREFIX) or k.startswith(("encoder.", "decoder.",
+                                                                                               "quant_conv.", "post_quant_conv.")),
                               "text encoder": lambda k: k.startswith("cond_stage_model."),
                               "schedule buffers": lambda k: "." not in k})
+        if ema:
+            out.append(f" EMA weights present ({ema} tensors; load them with --ema)")
     if meta:
-        out.append(f" metadata: {', '.join(sorted(meta))}")
-    return "\n".join(out)
+        shown = {k: (v if len(v) <= 80 else v[:77] + "...") for k, v in sorted(meta.items())}
+        out.append(" metadata: " + ", ".join(f"{k}={v}" for k, v in list(shown.items())[:12]))
+    return out
+
+
+def inspect_path(path: str) -> str:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    return "\n".join(inspect_dir(path) if os.path.isdir(path) else inspect_file(path))
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m weights_tools.inspect", description=__doc__)
-    ap.add_argument("path")
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("path", nargs="+", help="files or folders to describe")
     a = ap.parse_args(argv)
-    print(inspect_path(a.path))
+    print("\n\n".join(inspect_path(p) for p in a.path))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from composer.cli import run
+    sys.exit(run(PROG, main))
