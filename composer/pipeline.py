@@ -183,19 +183,20 @@ class Pipeline:
     @torch.no_grad()
     def sample_latents(self, prompt: str, *, negative_prompt: str = "", height: int = 512, width: int = 512,
                        steps: int = 50, guidance: float = 7.5, seed: int = 0, sampler: str = "ddim",
-                       eta: float = 0.0, callback=None) -> torch.Tensor:
+                       eta: float | None = None, callback=None) -> torch.Tensor:
         check_size(height, width)
         if not isinstance(prompt, str):
             raise TypeError("prompt must be a string")
         sch = make_sampler(sampler, self.scheduler_config, steps, eta=eta)
         x, g = self.initial_latent(seed, height, width)
+        x = x * sch.init_noise_sigma
         cfg = guidance > 1.0
         ctx = self.encode_prompt([negative_prompt, prompt] if cfg else [prompt])
-        for i, t in enumerate(sch.timesteps):
-            e = self.eps(x, int(t), ctx, guidance)
+        for i, t in enumerate(sch.timesteps):  # t: int64, or float32 for σ-interpolated schedules
+            e = self.eps(sch.scale_model_input(i, x), t, ctx, guidance)
             x = sch.step(i, e, x, generator=g)
             if not torch.isfinite(x).all():
-                raise NonFiniteError(f"latent became NaN/Inf at step {i} (t={int(t)})")
+                raise NonFiniteError(f"latent became NaN/Inf at step {i} (t={float(t):g})")
             if callback is not None:
                 callback(i, len(sch.timesteps))
         return x

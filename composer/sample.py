@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from .schedulers import SAMPLERS
+
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
@@ -51,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=None, help="default 0")
     ap.add_argument("--height", type=int, default=None, help="default 512 (64 on the embedded model)")
     ap.add_argument("--width", type=int, default=None, help="default 512 (64 on the embedded model)")
-    ap.add_argument("--sampler", default=None, choices=["ddim", "dpm++2m"], help="default dpm++2m")
-    ap.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    ap.add_argument("--sampler", default=None, choices=SAMPLERS, help="default dpm++2m")
+    ap.add_argument("--eta", type=float, default=None, help="DDIM eta (default 0) or TCD gamma (default 0.3)")
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--attention", default="auto", choices=["auto", "triton", "flex", "sdpa", "math"],
