@@ -10,7 +10,8 @@ Every sampler offers the same interface, which the denoising loop relies on:
   (multistep solvers keep state). Stochastic samplers draw ``torch.randn(x.shape, generator=generator)``
   exactly when and as diffusers draws it, so a seed gives the same image;
 - ``sigmas[i]`` (float64, length steps + 1): the noise level σ = sqrt((1 − ᾱ)/ᾱ) of the latent entering step
-  i, ``sigmas[-1]`` that of the result; ``alpha_bars`` = 1/(1 + σ²) is the same level as ᾱ.
+  i, ``sigmas[-1]`` that of the result; ``alpha_bars`` = 1/(1 + σ²) is the same level as ᾱ, and
+  ``noise_timesteps()`` as a continuous training timestep τ ∈ [0, T−1].
 
 Conventions follow diffusers (the reference in tests), driven by the checkpoint's scheduler config:
 - schedule: ``scaled_linear`` betas = linspace(√β0, √β1, T)² (SD1.5: 0.00085 -> 0.012, T = 1000),
@@ -152,6 +153,11 @@ class Sampler:
         """ᾱ of the latent entering step i (last entry: of the result) [steps + 1]."""
         return 1.0 / (1.0 + self.sigmas ** 2)
 
+    def noise_timesteps(self) -> np.ndarray:
+        """The continuous training timestep τ_i ∈ [0, T−1] whose σ is sigmas[i] [steps + 1]: one noise-level
+        scale for every sampler and step count (τ = t_i wherever the UNet gets an integer t of the table)."""
+        return sigma_to_t(self.sigmas, np.log(self.cfg.train_sigmas()))
+
     def __len__(self) -> int:
         return len(self.timesteps)
 
@@ -267,6 +273,7 @@ class Euler(Sampler):
             s = karras_sigmas(float(s[-1]), float(s[0]), steps)
             ts = sigma_to_t(s, np.log(train)).astype(np.float32)
         s32 = np.concatenate([s, [0.0]]).astype(np.float32)
+        self.cfg = cfg
         self.timesteps, self.sigmas, self.ancestral = ts, s32.astype(np.float64), ancestral
         self._in_scale = np.sqrt(s32 * s32 + np.float32(1.0))  # fp32, as diffusers divides
         smax = s32.max()

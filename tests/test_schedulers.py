@@ -164,6 +164,18 @@ def test_sigmas_are_the_noise_level(name):
     assert (np.diff(sch.sigmas) <= 0).all()
 
 
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_noise_timesteps(name):
+    """τ_i is the UNet's timestep wherever that is an integer of the table; the Euler family interpolates σ
+    linearly in t (τ inverts log σ), so there it is close, not equal."""
+    for steps in (4, 25):
+        sch = make_sampler(name, CFG, steps)
+        tau = sch.noise_timesteps()
+        assert tau.shape == (steps + 1,) and (np.diff(tau) <= 1e-9).all()
+        atol = 0.5 if name.startswith("euler") or name.endswith("karras") else 1e-3  # fp32 table; karras: rounded t
+        np.testing.assert_allclose(tau[:-1], np.asarray(sch.timesteps, np.float64), rtol=0, atol=atol)
+
+
 def test_sigma_to_t_inverts_the_table():
     train = CFG.train_sigmas()
     t = np.array([0.0, 0.25, 1.5, 500.0, 977.3, 999.0])
