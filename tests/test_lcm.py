@@ -111,7 +111,8 @@ def test_strict_load_refuses_an_unknown_module(ref_pipe_dir, lcm_kohya, tmp_path
 
 def _ref_image(ref_pipe, cls_name, steps, guidance, seed, eta=0.0):
     import diffusers
-    ref_pipe.scheduler = getattr(diffusers, cls_name).from_config(ref_pipe.scheduler.config)
+    folder = diffusers.PNDMScheduler.from_pretrained(ref_pipe.config._name_or_path, subfolder="scheduler").config
+    ref_pipe.scheduler = getattr(diffusers, cls_name).from_config(folder)
     out = ref_pipe("a photo of a cat", negative_prompt="", num_inference_steps=steps, guidance_scale=guidance,
                    height=64, width=64, generator=torch.Generator("cpu").manual_seed(seed), output_type="np", eta=eta)
     return out.images[0]

@@ -238,12 +238,20 @@ def test_cli_offers_every_sampler():
 # --- whole images ------------------------------------------------------------------------------------------
 
 def ref_image(ref_pipe, name, steps, guidance, seed, h, w, eta=None):
+    """diffusers' image with that scheduler built from the folder's own scheduler config; the shared pipeline's
+    scheduler is restored afterwards (other tests build theirs from its config)."""
     import diffusers
     cls, extra, step_kw = REFERENCE[name]
-    ref_pipe.scheduler = getattr(diffusers, cls).from_config({**ref_pipe.scheduler.config, **extra})
+    saved = ref_pipe.scheduler
+    folder = diffusers.PNDMScheduler.from_pretrained(ref_pipe.config._name_or_path, subfolder="scheduler").config
+    ref_pipe.scheduler = getattr(diffusers, cls).from_config({**folder, **extra})
     kw = {"eta": eta if eta is not None else step_kw.get("eta", 0.0)}
-    out = ref_pipe("a photo of a cat", negative_prompt="blurry", num_inference_steps=steps, guidance_scale=guidance,
-                   height=h, width=w, generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **kw)
+    try:
+        out = ref_pipe("a photo of a cat", negative_prompt="blurry", num_inference_steps=steps,
+                       guidance_scale=guidance, height=h, width=w,
+                       generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **kw)
+    finally:
+        ref_pipe.scheduler = saved
     return out.images[0]
 
 
