@@ -183,10 +183,16 @@ def _analysis_layers(unet):
 class LatentOptimiser:
     """Test-time latent optimisation (method.md §7-8), one part of each denoising step.
 
-    While active, :meth:`step` runs one cond-only UNet forward with gradients on z_t (stopping after the last
-    analysis layer), computes L = Σ_n Σ_c (L_ce + L_fill) + Σ_n L_region on the 1/32 maps, and takes one step
-    z ← z − lr_i·∂L/∂z with lr_i = lr·sqrt(linspace(1, 0.5, steps)[i]) (skipped when L = 0). It stops for good
-    after step i if L_i > L_{i−1} with i ≥ 5, or i ≥ max_opt_step. ``observer("optimise", ...)`` sees every step.
+    While active, :meth:`step` runs one cond-only UNet forward with gradients on the UNet's input z_t (stopping
+    after the last analysis layer), computes L = Σ_n Σ_c (L_ce + L_fill) + Σ_n L_region on the 1/32 maps, and
+    takes one step z ← z − lr_i·∂L/∂z (skipped when L = 0). The step is taken on what the UNet sees, so one lr
+    means the same change for every sampler (for DPM-Solver and DDIM the UNet input is the latent itself).
+
+    The schedule is defined for any number of steps S and equals the official one at S = 50:
+    - lr_i = lr·sqrt(linspace(1, 0.5, S)[i]);
+    - the last optimised step is ``max_opt_step`` (default ⌊S/2⌋: 25 of 50, 4 of 8, 2 of 4);
+    - it stops early, for good, after step i if L_i > L_{i−1} and i ≥ ⌈S/10⌉ (5 of 50, 1 below 11 steps).
+    ``observer("optimise", ...)`` sees every step.
     """
 
     def __init__(self, pipe, prep: Prepared, spec: ComposeSpec, steps: int, observer=None):
@@ -195,6 +201,8 @@ class LatentOptimiser:
         self.region_loss = ra.want_self_maps
         self.weights = OFFICIAL_WEIGHTS if spec.loss_weights == "official" else PAPER_WEIGHTS
         self.lrs = spec.lr * np.sqrt(np.linspace(1.0, 0.5, steps))
+        self.last_step = last_optimised_step(spec, steps)
+        self.rise_from = math.ceil(steps / 10)
         self.layers, self.last_layer = _analysis_layers(pipe.unet)
         self.active = (spec.enhance and any(prep.token_pos)) or self.region_loss
         self.prev, self.last = 1000.0, None
@@ -220,11 +228,12 @@ class LatentOptimiser:
             + (w["region"] / OFFICIAL_WEIGHTS["region"]) * sum(terms.region, zero)
         return loss, terms
 
-    def step(self, i: int, t, x: torch.Tensor) -> torch.Tensor:
+    def step(self, i: int, t, x: torch.Tensor, sch) -> torch.Tensor:
         self.last = None
         if not self.active:
             return x
-        z = x.detach().requires_grad_(True)
+        c = float(sch.scale_model_input(i, torch.ones(())))  # UNet input = c·x (1 for DPM-Solver and DDIM)
+        z = (c * x).detach().requires_grad_(True)
         cross, smap = self.maps(z, t, True)
         loss, terms = self.loss(cross, smap)
         value = loss.detach().item()
@@ -233,29 +242,36 @@ class LatentOptimiser:
         out = x
         if value > 0 and loss.requires_grad:
             grad, = torch.autograd.grad(loss, z)
-            out = (z - float(self.lrs[i]) * grad).detach()
+            out = ((z - float(self.lrs[i]) * grad) / c).detach()
         if self.observer is not None:
             self.observer("optimise", i=i, t=t, z_before=x, z_after=out, loss=value, lr=float(self.lrs[i]),
                           cross=cross, prep=self.prep)
         self.last = value
         self.losses.append(value)
         self.optimised_steps = i + 1
-        if (value > self.prev and i >= 5) or i >= self.spec.max_opt_step:
+        if (value > self.prev and i >= self.rise_from) or i >= self.last_step:
             self.active = False
         else:
             self.prev = value
         return out
 
 
-def reinitialise(pipe, prep: Prepared, t, x: torch.Tensor, observer=None) -> torch.Tensor:
-    """Latent re-initialisation (method.md §9): one cond-only forward at t = timesteps[0] with region attention;
-    per region, the latent patch under the window where its tokens' (unsmoothed) maps are strongest is copied into
-    its box; then the whole latent is restored to the original mean and std."""
-    ra = prep.ra
+def last_optimised_step(spec: ComposeSpec, steps: int) -> int:
+    """The spec's ``max_opt_step``, or half the steps (the official 25 of 50)."""
+    return spec.max_opt_step if spec.max_opt_step is not None else steps // 2
+
+
+def reinitialise(pipe, prep: Prepared, sch, z: torch.Tensor, observer=None) -> torch.Tensor:
+    """Latent re-initialisation (method.md §9) of the unit noise z: one cond-only forward at t = timesteps[0]
+    (UNet input: the first step's, scale_model_input(0, z·init_noise_sigma)) with region attention; per region,
+    the noise patch under the window where its tokens' (unsmoothed) maps are strongest is copied into its box;
+    then the whole latent is restored to z's mean and std (the loop multiplies by init_noise_sigma)."""
+    ra, x = prep.ra, z
     _, last = _analysis_layers(pipe.unet)
     ra.for_batch(("cond",), store=True)
     with torch.no_grad():
-        pipe.unet(x.to(pipe.dtype), t, prep.cond, regions=ra, stop_after_layer=last)
+        pipe.unet(sch.scale_model_input(0, z * sch.init_noise_sigma).to(pipe.dtype), sch.timesteps[0], prep.cond,
+                  regions=ra, stop_after_layer=last)
         cross, _ = ra.aggregated_maps()
     sel = [(i, [cross[i][:, :, p].float() for p in prep.token_pos[i]]) for i in range(ra.n) if prep.token_pos[i]]
     out = reinit_latents(x, [m for _, m in sel], [prep.loss_boxes[i] for i, _ in sel], ra.analysis_hw)
@@ -306,7 +322,7 @@ def _compose(pipe, spec, callback, observer, backend, strict):
     opt = None
     if prep.ra is not None:
         if spec.reinit and any(prep.token_pos):
-            x = reinitialise(pipe, prep, sch.timesteps[0], x, observer)
+            x = reinitialise(pipe, prep, sch, x, observer)
             info["reinit"] = True
         opt = LatentOptimiser(pipe, prep, spec, len(sch.timesteps), observer)
     x = pipe.denoise(x, sch, ctx, spec.guidance, generator=g, regions=prep.ra, optimiser=opt, callback=callback)
@@ -322,7 +338,7 @@ def compose(pipe, spec, *, callback=None, debug_dir: str | None = None, backend=
         spec = ComposeSpec.from_dict(spec)
     rec = None
     if debug_dir:
-        rec = DebugRecorder(steps=(0, 10, spec.max_opt_step))
+        rec = DebugRecorder(steps=(0, spec.steps // 5, last_optimised_step(spec, spec.steps)))
     lat, info = compose_latents(pipe, spec, callback=callback, observer=rec, backend=backend, strict=strict)
     img = to_pil(pipe.decode(lat))[0]
     if debug_dir:

@@ -174,7 +174,8 @@ class Pipeline:
         out = self.text_encoder(inputs_embeds=embs.reshape(L * b, n, c), adapter=adapter)
         return out.reshape(L, b, n, -1)
 
-    def initial_latent(self, seed: int, height: int, width: int) -> torch.Tensor:
+    def initial_latent(self, seed: int, height: int, width: int) -> tuple:
+        """(N(0, I) noise [1, 4, H/8, W/8], the generator it came from: later noise draws continue it)."""
         g = torch.Generator("cpu").manual_seed(int(seed))
         return torch.randn((1, 4, height // 8, width // 8), generator=g, dtype=torch.float32).to(self.device), g
 
@@ -204,27 +205,30 @@ class Pipeline:
 
     # --- the denoising loop --------------------------------------------------------------------------------
 
-    def make_sampler(self, name: str, steps: int, *, eta: float = 0.0, schedule: str = "current"):
+    def make_sampler(self, name: str, steps: int, *, eta: float | None = None, schedule: str = "current"):
         """``schedule="official"`` gives DPM-Solver++ with diffusers 0.14's timesteps and final step (method.md §10)."""
         final = "official" if schedule == "official" and name == "dpm++2m" else "zero"
         return make_sampler(name, self.scheduler_config, steps, eta=eta, final=final)
 
-    def denoise(self, x, sch, context, guidance: float, *, generator=None, regions=None, optimiser=None,
+    def denoise(self, noise, sch, context, guidance: float, *, generator=None, regions=None, optimiser=None,
                 callback=None):
-        """The one sampler loop. x [B, 4, h, w] (fp32) is the initial latent; ``context`` is [uncond; cond]
-        when guidance > 1, else cond only (either may be per layer, [L, N, 77, C]).
+        """The one sampler loop. ``noise`` [B, 4, h, w] ~ N(0, I) (fp32) is the seeded initial latent (possibly
+        re-initialised); the loop starts from noise·init_noise_sigma. ``context`` is [uncond; cond] when
+        guidance > 1, else cond only (either may be per layer, [L, N, 77, C]).
 
         Optional parts of each step, in order:
-        - ``optimiser``: ``optimiser.step(i, t, x) -> x`` updates the latent before the CFG pass (LoRA-Composer's
-          test-time optimisation, method.md §7-8) and reports its loss in ``optimiser.last``;
+        - ``optimiser``: ``optimiser.step(i, t, x, sch) -> x`` updates the latent before the CFG pass
+          (LoRA-Composer's test-time optimisation, method.md §7-8) and reports its loss in ``optimiser.last``;
         - ``regions``: the region attention state (composer/regions.py) used by the CFG pass (§4, §5).
-        ``callback(i, n, **info)`` is called after every step.
+        The UNet sees ``sch.scale_model_input(i, x)`` at ``sch.timesteps[i]`` (fractional for σ-interpolated
+        schedules). ``callback(i, n, **info)`` is called after every step.
         """
+        x = noise * sch.init_noise_sigma
         n = len(sch.timesteps)
         for i, t in enumerate(sch.timesteps):
             post = {}
             if optimiser is not None:
-                x = optimiser.step(i, t, x)
+                x = optimiser.step(i, t, x, sch)
                 if optimiser.last is not None:
                     post["loss"] = f"{optimiser.last:.3f}"
             with torch.no_grad():
@@ -232,10 +236,10 @@ class Pipeline:
                 if regions is not None:
                     kw["regions"] = regions.for_batch(("uncond", "cond") if context.shape[-3] == 2 * x.shape[0]
                                                       else ("cond",), store=False)
-                e = self.eps(x, t, context, guidance, **kw)
+                e = self.eps(sch.scale_model_input(i, x), t, context, guidance, **kw)
                 x = sch.step(i, e, x, generator=generator)
             if not torch.isfinite(x).all():
-                raise NonFiniteError(f"latent became NaN/Inf at step {i} (t={int(t)})")
+                raise NonFiniteError(f"latent became NaN/Inf at step {i} (t={float(t):g})")
             if callback is not None:
                 callback(i, n, **post)
         return x
@@ -243,14 +247,14 @@ class Pipeline:
     @torch.no_grad()
     def sample_latents(self, prompt: str, *, negative_prompt: str = "", height: int = 512, width: int = 512,
                        steps: int = 50, guidance: float = 7.5, seed: int = 0, sampler: str = "ddim",
-                       eta: float = 0.0, callback=None) -> torch.Tensor:
+                       eta: float | None = None, callback=None) -> torch.Tensor:
         check_size(height, width)
         if not isinstance(prompt, str):
             raise TypeError("prompt must be a string")
         sch = self.make_sampler(sampler, steps, eta=eta)
-        x, g = self.initial_latent(seed, height, width)
+        noise, g = self.initial_latent(seed, height, width)
         ctx = self.encode_prompt([negative_prompt, prompt] if guidance > 1.0 else [prompt])
-        return self.denoise(x, sch, ctx, guidance, generator=g, callback=callback)
+        return self.denoise(noise, sch, ctx, guidance, generator=g, callback=callback)
 
     def generate(self, prompt: str, **kw) -> Image.Image:
         """Text to image; keywords as in :meth:`sample_latents`. Returns a PIL image."""

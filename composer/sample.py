@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--width", type=int, help=f"image width in pixels (default {MODEL_DEFAULTS['width']}; "
                                               f"embedded model: {EMBEDDED_DEFAULTS['width']}, the demo its own)")
     ap.add_argument("--sampler", choices=_samplers(), help="default dpm++2m")
-    ap.add_argument("--eta", type=float, help="DDIM eta (default 0)")
+    ap.add_argument("--eta", type=float, help="DDIM eta (default 0) or TCD gamma (default 0.3)")
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--attention", default="auto", choices=["auto", "triton", "flex", "sdpa", "math"],

@@ -43,7 +43,7 @@ class ComposeSpec:
     guidance: float = 7.5
     seed: int = 0
     sampler: str = "dpm++2m"
-    eta: float = 0.0
+    eta: float | None = None   # DDIM's eta (default 0), TCD's gamma (default 0.3)
     regions: list = field(default_factory=list)
     enhance: bool = True        # L_ce + L_fill (and the Gaussian weighting)
     isolate: bool = True        # self-attention region mask + L_region
@@ -58,7 +58,7 @@ class ComposeSpec:
     loss_weights: str = "official"    # or "paper"
     schedule: str = "current"         # "official": diffusers 0.14 DPM-Solver++ timesteps and final step
     lr: float = 20.0
-    max_opt_step: int = 25
+    max_opt_step: int | None = None   # the last optimised step; default half the steps (the official 25 of 50)
     loras: list = field(default_factory=list)  # [{"path", "scale"}]: merged for text-to-image; in a composition
     #                                            each binds to the region whose prompt has its pseudo-words
     model: str | None = None
@@ -100,11 +100,11 @@ class ComposeSpec:
         """Field-level validation (types, enums, sizes); files are checked by :meth:`check_files`."""
         for name in ("height", "width", "steps", "seed", "max_opt_step"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool):
+            if not (v is None and name == "max_opt_step") and (not isinstance(v, int) or isinstance(v, bool)):
                 raise ValueError(f"{where}: '{name}' must be an integer, got {v!r}")
         for name in ("guidance", "eta", "lr", "background_scale"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
+            if not (v is None and name == "eta") and (not isinstance(v, (int, float)) or isinstance(v, bool)):
                 raise ValueError(f"{where}: '{name}' must be a number, got {v!r}")
         if self.steps < 1:
             raise ValueError(f"{where}: 'steps' must be at least 1, got {self.steps}")
