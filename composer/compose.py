@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .concepts import PSEUDO_WORD, bind_concept, select_tokens
 from .debug import DebugRecorder
 from .losses import box_cells, compute_losses, reinit_latents
 from .pipeline import NonFiniteError, to_pil
@@ -63,7 +63,7 @@ def warn_if_no_concept(pipe, spec) -> bool:
     words) is layout control only: say so rather than run silently. Returns True when it warned."""
     if any(r.lora for r in spec.regions) or spec.loras:
         return False
-    words = {w for r in spec.regions for w in re.findall(r"<[^<>\s]+>", r.prompt)}
+    words = {w for r in spec.regions for w in PSEUDO_WORD.findall(r.prompt)}
     if words & set(pipe.loras.concepts):
         return False
     log.warning("the spec has %d region(s) but no concept LoRA (no region names a 'lora', no --lora was given and "
@@ -83,16 +83,18 @@ class Prepared:
     uncond: torch.Tensor
     loss_boxes: list
     token_words: list    # per region: a label for each concept token (for info and debug output)
+    tokens: list         # per region: the RegionTokens (positions, words, where they came from)
 
 
 def prepare(pipe, spec: ComposeSpec, backend: str | None = None, strict: bool = True) -> Prepared:
-    """Validate the spec, bind concepts, encode every prompt; no sampling."""
+    """Validate the spec, bind each region's concept and concept tokens (composer/concepts.py), encode every
+    prompt; no sampling."""
     spec.check()
     H, W = spec.height, spec.width
-    boxes, masks, adapters, token_pos, pos_ctx, neg_ctx = [], [], [], [], [], []
+    boxes, masks, adapters, tokens, pos_ctx, neg_ctx = [], [], [], [], [], []
     texts = [spec.prompt, spec.negative_prompt] + [t for r in spec.regions for t in (r.prompt, r.negative_prompt)]
-    for e in spec.loras:  # concepts given globally (--lora): bound to regions by their pseudo-words
-        _ensure_region_lora(pipe, e["path"], e["scale"], strict)
+    # concepts given globally (--lora / spec "loras") bind to the region whose prompt names them
+    global_loras = [_ensure_region_lora(pipe, e["path"], e["scale"], strict) for e in spec.loras] if spec.regions else []
     for r in spec.regions:  # load explicitly named concepts before checking pseudo-words
         if r.lora:
             _ensure_region_lora(pipe, r.lora, r.scale, strict)
@@ -105,28 +107,14 @@ def prepare(pipe, spec: ComposeSpec, backend: str | None = None, strict: bool = 
                           (nz[:, 0].max().item() + 1) / H, (nz[:, 1].max().item() + 1) / W))
             masks.append(m)
         else:
-            if r.box is None:
-                raise ValueError(f"region {i}: give a box [top, left, bottom, right] or a mask image")
             boxes.append(resolve_box(list(r.box), H, W, i))
             masks.append(None)
-        name = _ensure_region_lora(pipe, r.lora, r.scale, strict) if r.lora else None
-        words = re.findall(r"<[^<>\s]+>", r.prompt)
-        if name is None:
-            owners = sorted({pipe.loras.concepts[w][0] for w in words if w in pipe.loras.concepts})
-            if len(owners) > 1:
-                raise ValueError(f"region {i}: its prompt names pseudo-words of several concepts {owners}; "
-                                 "give the region's 'lora' explicitly")
-            name = owners[0] if owners else None
+        name = _ensure_region_lora(pipe, r.lora, r.scale, strict) if r.lora else bind_concept(pipe, r, i, global_loras)
         adapters.append(name)
-        # token positions of the concept's pseudo-words in the tokenised prompt (not whitespace split, §16)
-        pos = []
-        if name is not None:
-            ids = pipe.tokenizer([r.prompt])[0].tolist()
-            for w in pipe.loras.loras[name].embeddings:
-                tid = pipe.tokenizer.tok.token_to_id(w)
-                if tid in ids:
-                    pos.append(ids.index(tid))
-        token_pos.append(pos)
+        lora = pipe.loras.loras[name] if name else None
+        tokens.append(select_tokens(pipe.tokenizer, r.prompt, explicit=r.tokens,
+                                    pseudo_words=list(lora.embeddings) if lora else (),
+                                    triggers=lora.triggers if lora else (), where=f"region {i}"))
         ad = (name,) if name else ()
         pos_ctx.append(pipe.encode_prompt([r.prompt], adapter=ad))
         neg_ctx.append(pipe.encode_prompt([r.negative_prompt], adapter=ad))
@@ -136,20 +124,17 @@ def prepare(pipe, spec: ComposeSpec, backend: str | None = None, strict: bool = 
             log.warning("region %d covers %d cells of the %dx%d analysis grid: its top-k losses are 0", i,
                         max(0, r1 - r0) * max(0, c1 - c0), h, w)
     cond, uncond = pipe.encode_prompt([spec.prompt]), pipe.encode_prompt([spec.negative_prompt])
-    ra = None
+    ra, loss_boxes = None, []
     if spec.regions:
         isolate_mask = spec.isolate if spec.region_mask is None else spec.region_mask
         be = backend or pipe.region_backend
         ra = RegionAttention(boxes, masks, adapters, pos_ctx, neg_ctx, (H, W), isolate=isolate_mask, backend=be,
-                             plain_backend="math" if be == "torch" else "sdpa")
+                             plain_backend="math" if be == "torch" else "sdpa", lora_scope=spec.lora_scope)
         ra.want_self_maps = spec.isolate if spec.region_loss is None else spec.region_loss
         h, w = ra.analysis_hw  # free-form masks are read on the grid; their bounding box carries the Gaussian
         loss_boxes = [ra.region_mask(r, h, w, pipe.device) if masks[r] is not None else boxes[r] for r in range(ra.n)]
-    else:
-        loss_boxes = []
-    token_words = [[pipe.tokenizer.tok.id_to_token(pipe.tokenizer([r.prompt], warn=False)[0, p].item()) for p in pos]
-                   for r, pos in zip(spec.regions, token_pos)]
-    return Prepared(ra, token_pos, boxes, cond, uncond, loss_boxes, token_words)
+    return Prepared(ra, [t.positions for t in tokens], boxes, cond, uncond, loss_boxes, [t.words for t in tokens],
+                    tokens)
 
 
 def _cat_ctx(a, b):
@@ -318,7 +303,9 @@ def _compose(pipe, spec, callback, observer, backend, strict):
     x, g = pipe.initial_latent(spec.seed, spec.height, spec.width)
     cfg = spec.guidance > 1.0
     ctx = _cat_ctx(prep.uncond, prep.cond) if cfg else prep.cond
-    info = {"loss": [], "optimised_steps": 0, "reinit": False}
+    info = {"loss": [], "optimised_steps": 0, "reinit": False,
+            "regions": [{"lora": prep.ra.adapters[i] and os.path.basename(pipe.loras.loras[prep.ra.adapters[i]].path),
+                         **t.record()} for i, t in enumerate(prep.tokens)] if prep.ra is not None else []}
     opt = None
     if prep.ra is not None:
         if spec.reinit and any(prep.token_pos):

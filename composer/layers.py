@@ -3,6 +3,8 @@
 A layer computes ``x Wᵀ + b + Σ_a s_a · (x downᵀ) upᵀ`` over the adapters selected for the call: the
 globally active ones (``active``), or exactly the ones passed as ``adapter=`` (a name or a tuple of names),
 which is how region-aware injection runs one concept's K/V/out projection per region (method.md §4).
+With ``scope=`` (a region LoRA scope, composer/regions.py ``RegionLoRA``) each region's adapter is added only on
+that region's tokens or pixels: ``y = base(x) + Σ_r m_r ⊙ Δ_r(x)`` (LoRA-Composer with ``lora_scope="all"``).
 The base weight stays untouched and shared; an adapter costs only its low-rank factors. The scale is
 folded into ``up`` when the adapter is added.
 """
@@ -42,17 +44,18 @@ class Linear(nn.Linear, _AdapterMixin):
         super().__init__(*a, **kw)
         self._init_adapters()
 
-    def forward(self, x, adapter=None):
+    def forward(self, x, adapter=None, scope=None):
         y = F.linear(x, self.weight, self.bias)
         for name in self._selected(adapter):
             a = self.adapters.get(name)
-            if a is None:
-                continue
-            if a.dense is not None:
-                y = y + F.linear(x, a.dense)
-            else:
-                y = y + F.linear(F.linear(x, a.down), a.up)
-        return y
+            if a is not None:
+                y = y + self.delta(x, a)
+        return y if scope is None else scope.add_linear(self, x, y)
+
+    @staticmethod
+    def delta(x, a: Adapter):
+        """Δ(x) of one adapter: x·ΔWᵀ (LoHa/LoKr) or (x·downᵀ)·upᵀ."""
+        return F.linear(x, a.dense) if a.dense is not None else F.linear(F.linear(x, a.down), a.up)
 
 
 class Conv2d(nn.Conv2d, _AdapterMixin):
@@ -60,20 +63,21 @@ class Conv2d(nn.Conv2d, _AdapterMixin):
         super().__init__(*a, **kw)
         self._init_adapters()
 
-    def forward(self, x, adapter=None):
+    def forward(self, x, adapter=None, scope=None):
         y = self._conv_forward(x, self.weight, self.bias)
         for name in self._selected(adapter):
             a = self.adapters.get(name)
-            if a is None:
-                continue
-            if a.dense is not None:
-                y = y + self._conv_forward(x, a.dense, None)
-            elif a.mid is not None:  # 1×1 down, k×k core (carries stride/padding), 1×1 up
-                h = F.conv2d(x, a.down)
-                y = y + F.conv2d(self._conv_forward(h, a.mid, None), a.up)
-            else:  # k×k down (carries stride/padding), 1×1 up
-                y = y + F.conv2d(self._conv_forward(x, a.down, None), a.up)
-        return y
+            if a is not None:
+                y = y + self.delta(x, a)
+        return y if scope is None else scope.add_conv(self, x, y)
+
+    def delta(self, x, a: Adapter):
+        """Δ(x) of one adapter, at the output resolution (the low-rank conv carries stride and padding)."""
+        if a.dense is not None:
+            return self._conv_forward(x, a.dense, None)
+        if a.mid is not None:  # 1×1 down, k×k core (carries stride/padding), 1×1 up
+            return F.conv2d(self._conv_forward(F.conv2d(x, a.down), a.mid, None), a.up)
+        return F.conv2d(self._conv_forward(x, a.down, None), a.up)  # k×k down, 1×1 up
 
 
 def lora_layers(model: nn.Module):

@@ -84,6 +84,8 @@ class LoRA:
     modules: list
     embeddings: dict
     unmatched: list
+    triggers: list = field(default_factory=list)  # trigger words recorded in the file's metadata
+    trigger_source: str | None = None
 
     def report(self) -> str:
         by = {}
@@ -348,7 +350,8 @@ def resolve(raw: RawLoRA, table: dict, *, multiplier: float = 1.0, strict: bool 
         log.warning("%s: %d unmatched LoRA module(s) ignored: %s", raw.path, len(unmatched), unmatched)
     if not modules and not raw.embeddings:
         raise CheckpointError(f"{raw.path}: no LoRA module matched the loaded model")
-    return LoRA(raw.path, raw.kind, modules, dict(raw.embeddings), unmatched)
+    triggers, source = trigger_words(raw.metadata)
+    return LoRA(raw.path, raw.kind, modules, dict(raw.embeddings), unmatched, triggers, source)
 
 
 def delta_weight(a: Adapter, wshape: tuple) -> torch.Tensor:

@@ -8,6 +8,10 @@
 - With ``store`` on, the analysis layers (1/32 of the image) also record what the losses read (§6): per
   region the head-averaged softmax over its own tokens for every pixel [R, N, L], and the head-averaged
   masked self-attention [N, N]. Only these small maps are kept; other layers run the fused path.
+- ``lora_scope="all"`` (beyond the paper, whose concept LoRAs act only in attn2 K/V/out): ``lora`` is a
+  :class:`RegionLoRA` that every adapter-capable layer of the UNet receives, so each concept's whole LoRA
+  (attn1 q/k/v/out, attn2 q, feed-forward, proj_in/out, LoCon convolutions in resnets and resamplers) applies
+  only on its region's tokens/pixels at each level, in the same single UNet pass.
 The base weights are shared: concepts differ only by their adapters (no per-concept UNet copies).
 """
 from __future__ import annotations
@@ -21,9 +25,87 @@ from .attention import attention, merge_heads, split_heads
 from .losses import box_mask
 
 
+class RegionLoRA:
+    """Each region's LoRA confined to its region: ``y = base(x) + Σ_r w_r ⊙ Δ_r(x)`` with w_r(p) = 1/C(p) for the
+    C(p) regions covering p at that layer's resolution (overlaps averaged, as in injection), 0 elsewhere.
+
+    Layouts (documented for a future fused kernel): token layers get x [B, N, C_in] and the level's (h, w); the
+    weights are [R, N] (fp32), and for each region its nonzero token indices I_r are cached, so the delta is
+    computed only there: gather x[:, I_r] -> [B, |I_r|, C_in], low-rank (down [r, C_in], up [C_out, r]) ->
+    [B, |I_r|, C_out], scaled by w_r[I_r] and scatter-added into y. Convolutions compute their (low-rank, so
+    cheap) delta on the whole map at the output resolution and multiply by w_r [h_out, w_out].
+    """
+
+    def __init__(self, ra: "RegionAttention", adapters):
+        self.ra, self.adapters = ra, adapters
+        self._w, self._idx = {}, {}
+
+    def weights(self, h: int, w: int, device) -> torch.Tensor:
+        """[R, h·w] fp32: 1/C(p) on the region's pixels, 0 elsewhere."""
+        key = (h, w, str(device))
+        if key not in self._w:
+            m = torch.stack([self.ra.region_mask(r, h, w, device).flatten() for r in range(self.ra.n)])
+            self._w[key] = m / m.sum(0, keepdim=True).clamp(min=1)
+            self._idx[key] = [m[r].nonzero().flatten() for r in range(self.ra.n)]
+        return self._w[key]
+
+    def add_linear(self, layer, x, y, hw):
+        """Token layer: x [B, N, C_in], y [B, N, C_out] at level hw."""
+        wts = self.weights(*hw, x.device)
+        for r, name in enumerate(self.adapters):
+            a = layer.adapters.get(name) if name else None
+            idx = self._idx[(*hw, str(x.device))][r]
+            if a is None or len(idx) == 0:
+                continue
+            d = layer.delta(x[:, idx], a) * wts[r, idx][None, :, None].to(x.dtype)
+            y = y.index_add(1, idx, d)
+        return y
+
+    def add_conv(self, layer, x, y):
+        """Spatial layer: y [B, C_out, h, w] (the output resolution sets the mask)."""
+        h, w = y.shape[-2:]
+        wts = None
+        for r, name in enumerate(self.adapters):
+            a = layer.adapters.get(name) if name else None
+            if a is None:
+                continue
+            wts = self.weights(h, w, x.device) if wts is None else wts
+            if not bool(self._idx[(h, w, str(x.device))][r].numel()):
+                continue
+            y = y + layer.delta(x, a) * wts[r].view(1, 1, h, w).to(y.dtype)
+        return y
+
+    def add_spatial(self, layer, v, y):
+        """A per-sample vector layer whose output is broadcast over a map (a resnet's time_emb_proj): v [B, C_in]
+        -> y [B, C_out, h, w] + Σ_r w_r ⊙ Δ_r(v)."""
+        h, w = y.shape[-2:]
+        for r, name in enumerate(self.adapters):
+            a = layer.adapters.get(name) if name else None
+            if a is None:
+                continue
+            wts = self.weights(h, w, y.device)
+            y = y + layer.delta(v, a)[:, :, None, None] * wts[r].view(1, 1, h, w).to(y.dtype)
+        return y
+
+    def at(self, hw):
+        """This scope bound to a token level, for the Linear layers of a transformer block."""
+        return _LevelScope(self, tuple(hw))
+
+
+class _LevelScope:
+    def __init__(self, scope: RegionLoRA, hw):
+        self.scope, self.hw = scope, hw
+
+    def add_linear(self, layer, x, y):
+        return self.scope.add_linear(layer, x, y, self.hw)
+
+    def add_conv(self, layer, x, y):
+        return self.scope.add_conv(layer, x, y)
+
+
 class RegionAttention:
     def __init__(self, boxes, masks, adapters, pos_ctx, neg_ctx, image_hw, *, isolate=True, backend="auto",
-                 plain_backend="sdpa"):
+                 plain_backend="sdpa", lora_scope: str = "cross"):
         """boxes: per region fractional (y0, x0, y1, x1) (or None with a mask); masks: per region [H, W] tensor
         in [0, 1] or None; adapters: per region the concept adapter name (or None: base K/V);
         pos_ctx / neg_ctx: per region [L, 1, 77, C] or [1, 77, C] encodings (positive / negative)."""
@@ -37,6 +119,7 @@ class RegionAttention:
         self.want_self_maps = isolate  # L_region reads S; set by the caller when the region loss is on
         self.cross_maps, self.self_maps = {}, {}
         self._tr, self._any, self._lora = {}, {}, {}
+        self.lora = RegionLoRA(self, adapters) if lora_scope == "all" else None
 
     @property
     def n(self) -> int:
@@ -72,7 +155,8 @@ class RegionAttention:
                 self._lora[key] = None
             else:
                 if any(a is not None and a.dense is not None for a in ads):
-                    raise ValueError("a concept's to_out delta is LoHa/LoKr (dense); region injection needs low-rank LoRA")
+                    self._lora[key] = "dense"  # LoHa/LoKr: no low-rank factors to fuse; the exact unfused path runs
+                    return self._lora[key]
                 rank = max(a.down.shape[0] for a in ads if a is not None)
                 c_out, c_in = lin.weight.shape
                 down = torch.zeros(self.n, rank, c_in, dtype=dtype, device=device)
@@ -99,7 +183,8 @@ class RegionAttention:
     # --- the two attention calls --------------------------------------------------------------------------
 
     def self_attention(self, attn, x, hw):
-        q, k, v = (split_heads(p(x), attn.heads) for p in (attn.to_q, attn.to_k, attn.to_v))
+        sc = self.lora.at(hw) if self.lora is not None else None
+        q, k, v = (split_heads(p(x, scope=sc), attn.heads) for p in (attn.to_q, attn.to_k, attn.to_v))
         tr = self.token_regions(hw, x.device)
         boxed = self._any[(tuple(hw), str(x.device))]
         if self.store and self.want_self_maps and tuple(hw) == self.analysis_hw:
@@ -110,11 +195,13 @@ class RegionAttention:
             o = attention(q, k, v, backend=self.plain_backend)
         else:
             o = kernels.isolated_self_attention(q, k, v, tr, backend=self.backend)
-        return attn.to_out[0](merge_heads(o))
+        return attn.to_out[0](merge_heads(o), scope=sc)
 
     def cross_attention(self, attn, x, context, hw):
         heads, l = attn.heads, attn.layer_index
-        q = split_heads(attn.to_q(x), heads)  # the base query (concept to_q LoRAs are not used, §4)
+        # the base query (concept to_q LoRAs are not used, §4), or with lora_scope="all" each region's to_q LoRA on
+        # its own pixels
+        q = split_heads(attn.to_q(x, scope=self.lora.at(hw) if self.lora is not None else None), heads)
         ks, vs = [attn.to_k(context)], [attn.to_v(context)]
         for r in range(self.n):
             c = self._region_context(r, l).to(x.dtype)
@@ -133,9 +220,27 @@ class RegionAttention:
         if lora is None:
             o = kernels.regional_cross_attention(q, k, v, tr, backend=backend)
             return attn.to_out[0](merge_heads(o))
+        if lora == "dense":
+            return self._cross_unfused(attn, q, k, v, tr)
         down, up = lora
         o, z = kernels.regional_cross_attention_lora(q, k, v, tr, down, backend=backend)
         return attn.to_out[0](merge_heads(o)) + torch.einsum("bnrk,rck->bnc", z, up)
+
+    def _cross_unfused(self, attn, q, k, v, tr):
+        """The exact formula of §4 slot by slot, for concepts whose to_out delta is dense (LoHa/LoKr): each region's
+        softmax attention over its own tokens, through its own to_out, averaged over the regions covering a pixel;
+        the global output on the background."""
+        bits = torch.arange(self.n, device=tr.device)
+        act = torch.cat([(tr == 0)[None], ((tr[None] >> bits[:, None]) & 1).bool()]).to(q.dtype)  # [1+R, N]
+        w = act / act.sum(0, keepdim=True)
+        out = 0
+        for s in range(self.n + 1):
+            if not bool(act[s].any()):
+                continue
+            o = attention(q, k[:, :, s], v[:, :, s], backend=self.plain_backend)
+            name = self.adapters[s - 1] if s else None
+            out = out + attn.to_out[0](merge_heads(o), adapter=(name,) if name else ()) * w[s][None, :, None]
+        return out
 
     # --- what the losses read --------------------------------------------------------------------------------
 

@@ -122,12 +122,16 @@ class ResnetBlock2D(nn.Module):
         self.conv2 = Conv2d(cout, cout, 3, padding=1)
         self.conv_shortcut = Conv2d(cin, cout, 1) if cin != cout else None
 
-    def forward(self, x, temb=None):
-        h = self.conv1(F.silu(self.norm1(x)))
+    def forward(self, x, temb=None, scope=None):
+        """``scope``: region-confined LoRAs (composer/regions.py RegionLoRA), or None."""
+        h = self.conv1(F.silu(self.norm1(x)), scope=scope)
         if self.time_emb_proj is not None:
-            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
-        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+            t = F.silu(temb)
+            h = h + self.time_emb_proj(t)[:, :, None, None]
+            if scope is not None:  # the timestep delta of each concept, on its own pixels only
+                h = scope.add_spatial(self.time_emb_proj, t, h)
+        h = self.conv2(F.silu(self.norm2(h)), scope=scope)
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x, scope=scope)) + h
 
 
 class Attention(nn.Module):
@@ -157,8 +161,8 @@ class GEGLU(nn.Module):
         super().__init__()
         self.proj = Linear(dim, inner * 2)
 
-    def forward(self, x):
-        h, gate = self.proj(x).chunk(2, dim=-1)
+    def forward(self, x, scope=None):
+        h, gate = self.proj(x, scope=scope).chunk(2, dim=-1)
         return h * F.gelu(gate)
 
 
@@ -167,8 +171,8 @@ class FeedForward(nn.Module):
         super().__init__()
         self.net = nn.ModuleList([GEGLU(dim, dim * 4), nn.Dropout(0.0), Linear(dim * 4, dim)])
 
-    def forward(self, x):
-        return self.net[2](self.net[0](x))
+    def forward(self, x, scope=None):
+        return self.net[2](self.net[0](x, scope), scope=scope)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -188,7 +192,8 @@ class BasicTransformerBlock(nn.Module):
         else:  # LoRA-Composer: isolation in attn1, region-aware injection in attn2 (method.md §4, §5)
             x = x + regions.self_attention(self.attn1, self.norm1(x), hw)
             x = x + regions.cross_attention(self.attn2, self.norm2(x), context, hw)
-        return x + self.ff(self.norm3(x))
+        scope = regions.lora.at(hw) if regions is not None and regions.lora is not None else None
+        return x + self.ff(self.norm3(x), scope)
 
 
 class Transformer2DModel(nn.Module):
@@ -203,13 +208,14 @@ class Transformer2DModel(nn.Module):
 
     def forward(self, x, context, regions=None):
         h, w = x.shape[-2:]
-        hs = rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")
+        scope = regions.lora if regions is not None else None
+        hs = rearrange(self.proj_in(self.norm(x), scope=scope), "b c h w -> b (h w) c")
         block = self.transformer_blocks[0]
         # per-layer contexts [L, B, 77, C] (ED-LoRA layer-wise embeddings) pick this layer's row
         ctx = context[block.attn2.layer_index] if isinstance(context, (list, tuple)) or context.ndim == 4 else context
         hs = block(hs, ctx, regions, (h, w))
         hs = rearrange(hs, "b (h w) c -> b c h w", h=h, w=w)
-        return self.proj_out(hs) + x
+        return self.proj_out(hs, scope=scope) + x
 
 
 class Downsample2D(nn.Module):
@@ -218,10 +224,10 @@ class Downsample2D(nn.Module):
         self.padding = padding
         self.conv = Conv2d(ch, ch, 3, stride=2, padding=padding)
 
-    def forward(self, x):
+    def forward(self, x, scope=None):
         if self.padding == 0:  # the VAE pads right/bottom only
             x = F.pad(x, (0, 1, 0, 1))
-        return self.conv(x)
+        return self.conv(x, scope=scope)
 
 
 class Upsample2D(nn.Module):
@@ -229,12 +235,12 @@ class Upsample2D(nn.Module):
         super().__init__()
         self.conv = Conv2d(ch, ch, 3, padding=1)
 
-    def forward(self, x, size=None):
+    def forward(self, x, size=None, scope=None):
         dtype = x.dtype
         if dtype == torch.bfloat16:  # nearest upsampling has no bf16 kernel on some torch builds
             x = x.float()
         x = F.interpolate(x, size=size, scale_factor=None if size else 2.0, mode="nearest")
-        return self.conv(x.to(dtype))
+        return self.conv(x.to(dtype), scope=scope)
 
 
 class Block(nn.Module):
@@ -260,9 +266,10 @@ class MidBlock(nn.Module):
         self.attentions = nn.ModuleList([Transformer2DModel(ch, heads, context_dim, groups, backend)])
 
     def forward(self, x, temb, context, regions=None):
-        x = self.resnets[0](x, temb)
+        scope = regions.lora if regions is not None else None
+        x = self.resnets[0](x, temb, scope)
         x = self.attentions[0](x, context, regions)
-        return self.resnets[1](x, temb)
+        return self.resnets[1](x, temb, scope)
 
 
 class UNet(nn.Module):
@@ -324,28 +331,29 @@ class UNet(nn.Module):
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
         temb = self.time_embedding(timestep_embedding(t, self.cfg.block_out_channels[0]).to(x.dtype))
+        scope = regions.lora if regions is not None else None  # region-confined LoRAs (lora_scope="all")
 
-        h = self.conv_in(x)
+        h = self.conv_in(x, scope=scope)
         skips = [h]
         for b in self.down_blocks:
             for j, r in enumerate(b.resnets):
-                h = r(h, temb)
+                h = r(h, temb, scope)
                 if b.has_attention:
                     h = b.attentions[j](h, context, regions)
                     if stop_after_layer is not None and b.attentions[j].transformer_blocks[0].attn2.layer_index >= stop_after_layer:
                         return None
                 skips.append(h)
             if hasattr(b, "downsamplers"):
-                h = b.downsamplers[0](h)
+                h = b.downsamplers[0](h, scope)
                 skips.append(h)
         h = self.mid_block(h, temb, context, regions)
         for b in self.up_blocks:
             for j, r in enumerate(b.resnets):
-                h = r(torch.cat([h, skips.pop()], dim=1), temb)
+                h = r(torch.cat([h, skips.pop()], dim=1), temb, scope)
                 if b.has_attention:
                     h = b.attentions[j](h, context, regions)
                     if stop_after_layer is not None and b.attentions[j].transformer_blocks[0].attn2.layer_index >= stop_after_layer:
                         return None
             if hasattr(b, "upsamplers"):
-                h = b.upsamplers[0](h, size=skips[-1].shape[-2:])
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+                h = b.upsamplers[0](h, size=skips[-1].shape[-2:], scope=scope)
+        return self.conv_out(F.silu(self.conv_norm_out(h)), scope=scope)
