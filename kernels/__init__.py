@@ -15,9 +15,11 @@ Public functions (all differentiable in q, k and v on every backend):
 
 ``token_regions``: int64 [N] or [B, N] bitmasks, bit r set <=> the token is in region r's box at this level.
 Backends: ``"torch"`` (dense reference, ``kernels.reference``), ``"segmented"`` (exact, O(N) extra memory,
-SDPA on gathered region segments: the best CPU path), ``"triton"`` (the fused kernels; CPU tensors need
-TRITON_INTERPRET=1), ``"flex"`` (FlexAttention with a BlockMask), ``"auto"`` (triton on CUDA, segmented
-otherwise).
+SDPA on gathered region segments: the best CPU path), ``"triton"`` (the fused kernels, ``kernels.ops`` /
+``kernels.triton_attention``: fp16 / bf16 on CUDA, fp32 CUDA calls take the segmented path; CPU tensors need
+TRITON_INTERPRET=1; registered as ``torch.ops.lora_composer.*`` so torch.compile traces them), ``"flex"``
+(FlexAttention on region-sorted tokens with a cached BlockMask), ``"auto"`` (triton on CUDA, segmented
+otherwise). Triton is imported only when a Triton kernel runs.
 """
 from __future__ import annotations
 

@@ -13,8 +13,9 @@ unit last stride, e.g. the [B, N, H, D] memory of a head split).
   accumulating Σ_s (act_s / |S|)·softmax_s·V_s straight into one accumulator. dK/dV: grid (slot, B·H, split),
   each program one slice of that slot's own query blocks, partial sums reduced by a second kernel.
 
-Specialisation: counts (heads, list lengths, blocks) are not specialised on (one binary per head dim and dtype
-across layouts, which keeps JIT compiles on a GPU few); head dims are ``constexpr`` (40/80/160 give their own binaries: vectorised 16-byte loads of
+Specialisation: counts and strides are not specialised on (one binary per head dim, dtype and EVEN_N across
+layouts and batch shapes, which keeps JIT compiles on a GPU few; the strides' alignment comes from VEC instead);
+head dims are ``constexpr`` (40/80/160 give their own binaries: vectorised 16-byte loads of
 the padded 64/128/256 lanes), strides are passed in units of ``VEC`` elements (the alignment the wrapper
 checked) so the compiler can prove 16-byte alignment, and ``EVEN_N`` drops bounds checks when N is a multiple
 of both tiles. dtypes: fp16, bf16 (GPU), fp32 (IEEE dots). CPU tensors run under TRITON_INTERPRET=1.
@@ -120,7 +121,7 @@ def _self_fwd_tiles(acc, m_i, l_i, q, lq, kbase, vbase, perm, ids, idx, j0, j1, 
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=['H', 'NQB', 'MT', 'PB'])
+@triton.jit(do_not_specialize=['H', 'NQB', 'MT', 'PB', 'sq_b', 'sq_h', 'sq_n', 'sk_b', 'sk_h', 'sk_n', 'sv_b', 'sv_h', 'sv_n', 'so_b', 'so_h', 'so_n'])
 def _self_fwd_kernel(Q, K, V, O, LSE, PERM, IDS, IDX, CNT,
                      sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
                      N, H, NQB, MT, PB, scale2,
@@ -205,7 +206,7 @@ def _self_dq_tiles(dq, q, do, lse, delta, lq, kbase, vbase, perm, ids, idx, j0, 
     return dq
 
 
-@triton.jit(do_not_specialize=['H', 'NQB', 'MT', 'PB'])
+@triton.jit(do_not_specialize=['H', 'NQB', 'MT', 'PB', 'sq_b', 'sq_h', 'sq_n', 'sk_b', 'sk_h', 'sk_n', 'sv_b', 'sv_h', 'sv_n', 'so_b', 'so_h', 'so_n', 'sdo_b', 'sdo_h', 'sdo_n', 'sdq_b', 'sdq_h', 'sdq_n'])
 def _self_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, PERM, IDS, IDX, CNT,
                     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n, sdo_b, sdo_h, sdo_n,
                     sdq_b, sdq_h, sdq_n, N, H, NQB, MT, PB, scale, scale2,
@@ -293,7 +294,7 @@ def _self_dkdv_tiles(dk, dv, k, v, lk, qbase, dobase, lse_row, delta_row, perm, 
     return dk, dv
 
 
-@triton.jit(do_not_specialize=['H', 'NKB', 'MT', 'PB'])
+@triton.jit(do_not_specialize=['H', 'NKB', 'MT', 'PB', 'sq_b', 'sq_h', 'sq_n', 'sk_b', 'sk_h', 'sk_n', 'sv_b', 'sv_h', 'sv_n', 'sdo_b', 'sdo_h', 'sdo_n', 'sdk_b', 'sdk_h', 'sdk_n', 'sdv_b', 'sdv_h', 'sdv_n'])
 def _self_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, PERM, IDS, IDX, CNT,
                       sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_n,
                       sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n, N, H, NKB, MT, PB, scale, scale2,
@@ -350,7 +351,7 @@ def _self_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, PERM, IDS, IDX, CNT,
 # w = 1/|S| if it attends s (slot 0: a background row; slot r+1: a row in box r), else 0; the rows' regions
 # arrive as sorted bitmasks (REG) and 1/|S| as ICNT.
 
-@triton.jit(do_not_specialize=['H', 'L', 'NQB', 'MS', 'PB'])
+@triton.jit(do_not_specialize=['H', 'L', 'NQB', 'MS', 'PB', 'sq_b', 'sq_h', 'sq_n', 'sk_b', 'sk_h', 'sk_s', 'sk_l', 'sv_b', 'sv_h', 'sv_s', 'sv_l', 'so_b', 'so_h', 'so_n'])
 def _cross_fwd_kernel(Q, K, V, O, PERM, REG, ICNT, IDX, CNT,
                       sq_b, sq_h, sq_n, sk_b, sk_h, sk_s, sk_l, sv_b, sv_h, sv_s, sv_l, so_b, so_h, so_n,
                       N, H, L, NQB, MS, PB, scale2,
@@ -368,7 +369,8 @@ def _cross_fwd_kernel(Q, K, V, O, PERM, REG, ICNT, IDX, CNT,
     h64 = h.to(tl.int64)
     offs_m = qb * BM + tl.arange(0, BM)
     offs_l = tl.arange(0, BL)
-    offs_l2 = BL + tl.arange(0, BL2)
+    if BL2 > 0:  # the prompt tail tile
+        offs_l2 = BL + tl.arange(0, BL2)
     offs_d = tl.arange(0, BD)
     offs_dv = tl.program_id(2) * DVC + tl.arange(0, DVC)
     tq = _vec_ld(PERM + pl * N, offs_m, N, 0, not EVEN_N)
@@ -424,7 +426,7 @@ def _cross_fwd_kernel(Q, K, V, O, PERM, REG, ICNT, IDX, CNT,
     _st(O + b64 * (so_b * VEC) + h64 * (so_h * VEC), tq, so_n * VEC, offs_dv, acc, offs_m < N, DV, DVC, not EVEN_N)
 
 
-@triton.jit(do_not_specialize=['H', 'L', 'NQB', 'MS', 'PB'])
+@triton.jit(do_not_specialize=['H', 'L', 'NQB', 'MS', 'PB', 'sq_b', 'sq_h', 'sq_n', 'sk_b', 'sk_h', 'sk_s', 'sk_l', 'sv_b', 'sv_h', 'sv_s', 'sv_l', 'sdo_b', 'sdo_h', 'sdo_n', 'sdq_b', 'sdq_h', 'sdq_n'])
 def _cross_dq_kernel(Q, K, V, DO, DQ, PERM, REG, ICNT, IDX, CNT,
                      sq_b, sq_h, sq_n, sk_b, sk_h, sk_s, sk_l, sv_b, sv_h, sv_s, sv_l, sdo_b, sdo_h, sdo_n,
                      sdq_b, sdq_h, sdq_n, N, H, L, NQB, MS, PB, scale, scale2,
@@ -441,7 +443,8 @@ def _cross_dq_kernel(Q, K, V, DO, DQ, PERM, REG, ICNT, IDX, CNT,
     h64 = h.to(tl.int64)
     offs_m = qb * BM + tl.arange(0, BM)
     offs_l = tl.arange(0, BL)
-    offs_l2 = BL + tl.arange(0, BL2)
+    if BL2 > 0:  # the prompt tail tile
+        offs_l2 = BL + tl.arange(0, BL2)
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
     offs_dc = tl.program_id(2) * DC + tl.arange(0, DC)
@@ -517,7 +520,7 @@ def _cross_dq_kernel(Q, K, V, DO, DQ, PERM, REG, ICNT, IDX, CNT,
         not EVEN_N)
 
 
-@triton.jit(do_not_specialize=['H', 'S', 'L', 'NQB', 'MQ', 'PB', 'SPLIT'])
+@triton.jit(do_not_specialize=['H', 'S', 'L', 'NQB', 'MQ', 'PB', 'SPLIT', 'dv_offset', 'split_numel', 'sq_b', 'sq_h', 'sq_n', 'sdo_b', 'sdo_h', 'sdo_n', 'sk_b', 'sk_h', 'sk_s', 'sk_l', 'sv_b', 'sv_h', 'sv_s', 'sv_l'])
 def _cross_dkdv_kernel(Q, DO, K, V, PART, PERM, REG, ICNT, IDX, CNT,
                        sq_b, sq_h, sq_n, sdo_b, sdo_h, sdo_n, sk_b, sk_h, sk_s, sk_l, sv_b, sv_h, sv_s, sv_l,
                        N, H, S, L, NQB, MQ, PB, SPLIT, dv_offset, split_numel, scale, scale2,
@@ -538,7 +541,8 @@ def _cross_dkdv_kernel(Q, DO, K, V, PART, PERM, REG, ICNT, IDX, CNT,
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     offs_l = tl.arange(0, BL)
-    offs_l2 = BL + tl.arange(0, BL2)
+    if BL2 > 0:  # the prompt tail tile
+        offs_l2 = BL + tl.arange(0, BL2)
     offs_m = tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)

@@ -97,7 +97,7 @@ def test_cross_fp32(backend, n, case, d):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("n,case,d", [(77, "two-overlap", 40), (90, "five", 160)])
+@pytest.mark.parametrize("n,case,d", [(77, "two-overlap", 40), (90, "five", 80)])
 def test_cross_fp16(backend, n, case, d):
     r = regions(n, case)
     s = nslots(r)
@@ -312,16 +312,17 @@ def test_kernels_compile_for_hopper_without_a_gpu():
 
 # --- real GPU (compiled kernels): the same layouts as on CPU, fp16 / bf16 / fp32 -------------------------------
 
-GPU_LAYOUTS = [(1024, "two-overlap"), (1024, "one"), (1024, "cover"), (1024, "three-empty"), (1024, "five"),
-               (1000, "five")]
+GPU_LAYOUTS = [(1024, "two-overlap"), (1024, "one"), (1024, "cover"), (1024, "three-empty"), (1024, "five")]
 
 
 @gpu
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("d", [40, 80, 160])
-@pytest.mark.parametrize("n,case", GPU_LAYOUTS)
+@pytest.mark.parametrize("n,case", GPU_LAYOUTS + [(1000, "five")])
 def test_gpu_kernels(dtype, d, n, case):
+    if n % 128 and (dtype != torch.float16 or d == 80):
+        pytest.skip("awkward N (EVEN_N = False binaries): fp16 at d = 40 and 160 only, to bound JIT compiles")
     r = regions(n, case).cuda()
     s = nslots(r)
     q, k, v = (torch.randn(2, n, 8 * d, device="cuda").view(2, n, 8, d).transpose(1, 2) for _ in range(3))
