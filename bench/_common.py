@@ -64,3 +64,25 @@ def write_result(name: str, data: dict):
         json.dump({"machine": machine(), "date": time.strftime("%Y-%m-%d"), **data}, f, indent=2)
     os.replace(tmp, path)
     print(f"wrote {path}")
+
+
+class RowWriter:
+    """CSV rows written (and flushed) as they are measured, to ``<path>.partial``; renamed to ``path`` by close().
+    A run cut short by a time limit keeps every row it measured in the .partial file, never a torn final file."""
+
+    def __init__(self, path: str, fields: list):
+        import csv
+        os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+        self.path, self.partial = path, path + ".partial"
+        self._f = open(self.partial, "w", newline="")
+        self._w = csv.DictWriter(self._f, fieldnames=fields, extrasaction="ignore")
+        self._w.writeheader()
+        self._f.flush()
+
+    def write(self, row: dict):
+        self._w.writerow(row)
+        self._f.flush()
+
+    def close(self):
+        self._f.close()
+        os.replace(self.partial, self.path)

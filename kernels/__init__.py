@@ -15,9 +15,11 @@ Public functions (all differentiable in q, k and v on every backend):
 
 ``token_regions``: int64 [N] or [B, N] bitmasks, bit r set <=> the token is in region r's box at this level.
 Backends: ``"torch"`` (dense reference, ``kernels.reference``), ``"segmented"`` (exact, O(N) extra memory,
-SDPA on gathered region segments: the best CPU path), ``"triton"`` (the fused kernels; CPU tensors need
-TRITON_INTERPRET=1), ``"flex"`` (FlexAttention with a BlockMask), ``"auto"`` (triton on CUDA, segmented
-otherwise).
+SDPA on gathered region segments: the best CPU path), ``"triton"`` (the fused kernels, ``kernels.ops`` /
+``kernels.triton_attention``: fp16 / bf16 on CUDA, fp32 CUDA calls take the segmented path; CPU tensors need
+TRITON_INTERPRET=1; registered as ``torch.ops.lora_composer.*`` so torch.compile traces them), ``"flex"``
+(FlexAttention on region-sorted tokens with a cached BlockMask), ``"auto"`` (triton on CUDA, segmented
+otherwise). Triton is imported only when a Triton kernel runs.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import torch
 from .reference import (allowed_mask, isolated_self_attention_ref, isolation_cost, popcount,
                         regional_cross_attention_ref)
 from .segmented import (isolated_self_attention_segmented, labels, regional_cross_attention_segmented)
+from . import ops as _ops  # registers torch.ops.lora_composer.* (no Triton import until a kernel runs)
 
 BACKENDS = ("auto", "torch", "segmented", "triton", "flex")
 MAX_REGIONS = 62
@@ -53,73 +56,35 @@ def _require_triton_runtime(q):
 
 
 def _check(q, token_regions):
-    n = q.shape[2]
+    b, n = q.shape[0], q.shape[2]
     if token_regions.shape[-1] != n:
         raise ValueError(f"token_regions has {token_regions.shape[-1]} tokens, q has {n}")
+    if token_regions.ndim not in (1, 2) or token_regions.ndim == 2 and token_regions.shape[0] != b:
+        raise ValueError(f"token_regions must be [N] or [B={b}, N], got {tuple(token_regions.shape)}")
     if token_regions.dtype != torch.int64:
         raise TypeError(f"token_regions must be int64 bitmasks, got {token_regions.dtype}")
 
 
-_PLANS: dict = {}
-
-
-def _self_plan(r: torch.Tensor, b: int, n: int, block: int):
-    """Region-major permutation, sorted labels, tile table and fully blocked rows for one layout. Static per
-    (level, boxes), so cached: the sort and the table are built once, not in each of the 16 layers' calls."""
-    key = (r.data_ptr(), r._version, tuple(r.shape), str(r.device), b, block)
-    plan = _PLANS.get(key)
-    if plan is None:
-        from .triton_attention import block_table
-        rb = (r if r.ndim == 2 else r[None].expand(b, n)).to(torch.int64)
-        lab = labels(rb)
-        keyv = torch.where(lab < 0, torch.full_like(lab, 2 ** 62), lab)
-        perm = keyv.argsort(dim=1, stable=True)
-        lab_s = lab.gather(1, perm).contiguous()
-        blocked = (lab < 0) & ~(lab == 0).any(1, keepdim=True)  # overlap rows at a level with no background
-        plan = (r, perm, perm.argsort(dim=1), lab_s, block_table(lab_s, block), blocked, bool(blocked.any()))
-        if len(_PLANS) >= 32:
-            _PLANS.pop(next(iter(_PLANS)))
-        _PLANS[key] = plan  # holds r, so its storage (and data_ptr) cannot be reused while cached
-    return plan[1:]
-
-
-def _self_triton(q, k, v, r, scale):
-    from .triton_attention import _SelfAttn, default_block
-    _require_triton_runtime(q)
-    b, h, n, d = q.shape
-    block = default_block(max(d, v.shape[-1]))
-    perm, inv, lab_s, table, blocked, any_blocked = _self_plan(r, b, n, block)
-
-    def gather(x, idx):
-        return x.gather(2, idx[:, None, :, None].expand(x.shape[0], x.shape[1], n, x.shape[3]))
-    o = _SelfAttn.apply(gather(q, perm), gather(k, perm), gather(v, perm), lab_s, table, scale, block)
-    o = gather(o, inv)
-    if any_blocked:
-        from .segmented import _self_one
-        rb = r if r.ndim == 2 else r[None].expand(b, n)
-        fixed = torch.stack([_self_one(q[i:i + 1], k[i:i + 1], v[i:i + 1], rb[i], scale)[0] for i in range(b)])
-        o = torch.where(blocked[:, None, :, None], fixed, o)
-    return o
+def _gpu_fp32_to_segmented(be, q):
+    """The Triton kernels are built for 16-bit tensor-core inputs on GPU (fp32 IEEE dots spill there, see
+    python -m kernels.aot); fp32 CUDA calls take the exact segmented path. Under the interpreter (CPU tensors)
+    the kernels run in fp32 too, which is how the tests check them exactly."""
+    return "segmented" if be == "triton" and q.is_cuda and q.dtype == torch.float32 else be
 
 
 def isolated_self_attention(q, k, v, token_regions, *, scale=None, backend="auto"):
     _check(q, token_regions)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    be = resolve_backend(backend, q.device)
+    be = _gpu_fp32_to_segmented(resolve_backend(backend, q.device), q)
     if be == "torch":
         return isolated_self_attention_ref(q, k, v, token_regions, scale=scale)
     if be == "segmented":
         return isolated_self_attention_segmented(q, k, v, token_regions, scale=scale)
     if be == "triton":
-        return _self_triton(q, k, v, token_regions, scale)
+        _require_triton_runtime(q)
+        return _ops.isolated_self_attention(q, k, v, token_regions, scale)
     from .flex import isolated_self_attention_flex
-    o = isolated_self_attention_flex(q, k, v, token_regions, scale=scale)
-    r = token_regions if token_regions.ndim == 2 else token_regions[None].expand(q.shape[0], -1)
-    lab = labels(r)
-    blocked = (lab < 0) & ~(lab == 0).any(1, keepdim=True)
-    if bool(blocked.any()):
-        o = torch.where(blocked[:, None, :, None], isolated_self_attention_segmented(q, k, v, token_regions, scale=scale), o)
-    return o
+    return isolated_self_attention_flex(q, k, v, token_regions, scale=scale)
 
 
 def regional_cross_attention(q, k, v, token_regions, *, scale=None, backend="auto"):
@@ -130,20 +95,14 @@ def regional_cross_attention(q, k, v, token_regions, *, scale=None, backend="aut
         raise ValueError(f"at most {MAX_REGIONS} regions are supported, got {k.shape[2] - 1}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     be = resolve_backend(backend, q.device)
-    if be == "triton" and q.is_cuda and q.dtype == torch.float32 and max(q.shape[-1], v.shape[-1]) > 64:
-        # fp32 K/V tiles of 128 keys × ≥ 128 padded lanes exceed a GPU's shared memory (python -m kernels.aot):
-        # take the exact segmented path there; fp16/bf16, the GPU dtypes, always take the kernel
-        be = "segmented"
+    be = _gpu_fp32_to_segmented(be, q)
     if be == "torch":
         return regional_cross_attention_ref(q, k, v, token_regions, scale=scale)
     if be == "segmented":
         return regional_cross_attention_segmented(q, k, v, token_regions, scale=scale)
     if be == "triton":
-        from .triton_attention import regional_cross_attention_triton
         _require_triton_runtime(q)
-        b, _, n, _ = q.shape
-        r = (token_regions if token_regions.ndim == 2 else token_regions[None].expand(b, n)).to(torch.int64)
-        return regional_cross_attention_triton(q, k, v, r, scale=scale)
+        return _ops.regional_cross_attention(q, k, v, token_regions, scale)
     from .flex import regional_cross_attention_flex
     return regional_cross_attention_flex(q, k, v, token_regions, scale=scale)
 

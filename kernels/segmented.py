@@ -29,6 +29,16 @@ def _sdpa(q, k, v, scale):
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
+def blocked_rows_attention(q, k, v, r, rows, scale):
+    """Only the fully blocked rows (overlap queries at a level with no background; ``plan.blocked_rows``):
+    q, k, v [1, H, N, D], r [N], rows [n] token indices -> [1, H, n, Dv]. The official −1e6 bias read in fp32
+    puts the softmax on the keys of minimum isolation cost (method.md §5); O(n·N), differentiable."""
+    c = isolation_cost(r[rows], r)  # [n, N]
+    keep = c == c.min(-1, keepdim=True).values
+    s = torch.matmul(q[:, :, rows].float(), k.float().transpose(-1, -2)) * scale
+    return torch.matmul(s.masked_fill(~keep, float("-inf")).softmax(-1), v.float()).to(q.dtype)
+
+
 def _self_one(q, k, v, r, scale):
     """q, k, v [1, H, N, D], r [N]."""
     lab = labels(r)
@@ -44,11 +54,8 @@ def _self_one(q, k, v, r, scale):
     if len(multi):
         if len(bg):
             out = out.index_copy(2, multi, _sdpa(q[:, :, multi], k[:, :, bg], v[:, :, bg], scale))
-        else:  # fully blocked rows (no background at this level): the fp32 reading of the −1e6 bias
-            c = isolation_cost(r[multi], r)  # [n_multi, N]: only these rows
-            bias = (c - c.min(-1, keepdim=True).values).float() * -1e6
-            s = torch.matmul(q[:, :, multi].float(), k.float().transpose(-1, -2)) * scale + bias
-            out = out.index_copy(2, multi, torch.matmul(s.softmax(-1), v.float()).to(q.dtype))
+        else:  # fully blocked rows (no background at this level)
+            out = out.index_copy(2, multi, blocked_rows_attention(q, k, v, r, multi, scale))
     return out
 
 

@@ -6,13 +6,6 @@ import pathlib
 import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Triton kernels run on CPU tensors under the interpreter; it must be chosen before triton is imported.
-try:
-    import torch as _t
-    if not _t.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-except ImportError:
-    pass
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -26,7 +19,21 @@ BPE = ROOT / "composer" / "data" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
 METHOD_VECTORS = ROOT / "tests" / "data" / "method_vectors"
 
 
+def _choose_triton_mode(config):
+    """The Triton kernels run on CPU tensors under the interpreter, chosen before triton is imported (test
+    modules are imported after pytest_configure). Without CUDA: the interpreter. With CUDA: compiled kernels only
+    when the run selects the real-GPU tests (``-m cuda``, as bench/gpu_check.sh does); otherwise the interpreter,
+    so the CPU-tensor Triton tests stay right on a GPU machine and the cuda-marked tests skip (they need
+    compiled kernels)."""
+    import torch as _t
+    marks = config.getoption("markexpr", "") or ""
+    gpu_run = _t.cuda.is_available() and "cuda" in marks and "not cuda" not in marks
+    if not gpu_run:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def pytest_configure(config):
+    _choose_triton_mode(config)
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU")
     config.addinivalue_line("markers", "slow: slower CPU test")
 
