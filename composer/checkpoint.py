@@ -20,6 +20,8 @@ import zipfile
 import torch
 import torch.nn as nn
 
+from safetensors import SafetensorError
+from safetensors.torch import safe_open
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -78,8 +80,6 @@ def load_pickle(path: str) -> dict:
 
 def load_safetensors(path: str, device: str = "cpu") -> tuple[dict, dict]:
     """-> (tensors, metadata). Errors say whether the file is not safetensors at all or is truncated."""
-    from safetensors import SafetensorError
-    from safetensors.torch import safe_open
     size = os.path.getsize(path)
     if size < 8:
         raise CheckpointError(f"{path}: {size} bytes, too short to be a .safetensors file (truncated or empty)")

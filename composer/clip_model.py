@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from PIL import Image
 from .checkpoint import CheckpointError, read_json, read_weights, strict_load
 from .clip import CLIPEncoder, CLIPTextConfig, CLIPTextTransformer
 from .loading import read_component
@@ -115,7 +116,6 @@ class CLIPModel(nn.Module):
 
 def preprocess(images, size: int = 224) -> torch.Tensor:
     """PIL images -> [B, 3, size, size]: short side to size (bicubic), centre crop, CLIP normalisation."""
-    from PIL import Image
     out = []
     for im in images:
         im = im.convert("RGB")

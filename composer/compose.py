@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from PIL import Image
 from .concepts import PSEUDO_WORD, bind_concept, select_tokens
 from .debug import DebugRecorder
 from .losses import box_cells, compute_losses, reinit_latents
@@ -31,7 +32,6 @@ PAPER_WEIGHTS = {"ce": 1.0, "fill": 0.25, "region": 0.8}      # paper App. A
 
 
 def _load_mask(path: str, h: int, w: int) -> torch.Tensor:
-    from PIL import Image
     if not os.path.exists(path):
         raise FileNotFoundError(f"mask image not found: {path}")
     im = Image.open(path).convert("L").resize((w, h), Image.BILINEAR)
@@ -318,9 +318,11 @@ def _compose(pipe, spec, callback, observer, backend, strict):
     return x, info
 
 
-def compose(pipe, spec, *, callback=None, debug_dir: str | None = None, backend=None, strict: bool = True):
-    """Compose the spec's concepts into one image (PIL). ``debug_dir`` writes the box layout, labelled
-    cross-attention heatmaps of every concept token at the analysis resolution, and the loss curve."""
+def compose(pipe, spec, *, callback=None, debug_dir: str | None = None, backend=None, strict: bool = True,
+            return_info: bool = False):
+    """Compose the spec's concepts into one image (PIL; with ``return_info``, (image, info)). ``debug_dir`` writes
+    the box layout, labelled cross-attention heatmaps of every concept token at the analysis resolution, and the
+    loss curve."""
     if isinstance(spec, dict):
         spec = ComposeSpec.from_dict(spec)
     rec = None
@@ -330,4 +332,4 @@ def compose(pipe, spec, *, callback=None, debug_dir: str | None = None, backend=
     img = to_pil(pipe.decode(lat))[0]
     if debug_dir:
         rec.write(debug_dir, img, spec, info, pipe)
-    return img
+    return (img, info) if return_info else img

@@ -19,6 +19,7 @@ import sys
 
 import torch
 
+from PIL import Image
 from .cli import run
 from .clip_model import CLIPModel, preprocess
 from .io import atomic_path
@@ -70,7 +71,6 @@ def markdown(summary: dict) -> str:
 
 
 def evaluate(results: str, refs: str, clip_path: str, *, device="cpu", batch=32, tokenizer=None):
-    from PIL import Image
     model = CLIPModel.load(clip_path, device=device)
     tok = CLIPTokenizer.from_file(tokenizer or clip_path)
 

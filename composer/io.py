@@ -24,6 +24,10 @@ import json
 import os
 import tempfile
 
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from safetensors.torch import save_file
+
 PNG_SPEC_CHUNK = "composer"
 
 
@@ -47,7 +51,6 @@ def atomic_path(path: str):
 
 
 def save_safetensors(tensors: dict, path: str, metadata: dict | None = None):
-    from safetensors.torch import save_file
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
 
@@ -122,7 +125,6 @@ def a1111_parameters(p: dict) -> str:
 def save_png(image, path: str, params: dict | None = None):
     """Atomic PNG write; ``params`` (a resolved spec dict) goes into the A1111 ``parameters`` chunk and, whole,
     into the ``composer`` chunk."""
-    from PIL.PngImagePlugin import PngInfo
     info = PngInfo()
     if params is not None:
         info.add_text("parameters", a1111_parameters(params))
@@ -133,7 +135,6 @@ def save_png(image, path: str, params: dict | None = None):
 
 def read_png_spec(path: str) -> dict:
     """The resolved spec stored in a composer PNG's ``composer`` chunk."""
-    from PIL import Image
     with Image.open(path) as im:
         text = im.text.get(PNG_SPEC_CHUNK) if hasattr(im, "text") else None
     if text is None:

@@ -19,9 +19,21 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 import time
 
 import torch
+
+from .batch import dist_env, format_summary, merge_summaries, read_jobs, run_jobs, validate_jobs
+from .cli import run
+from .compose import compose, compose_latents, warn_if_no_concept
+from .io import save_png
+from .loading import load
+from .pipeline import Pipeline, to_pil
+from .schedulers import SAMPLERS, SchedulerConfig
+from .spec import ComposeSpec, load_spec_data, parse_region_string
+from .tiny import random_edlora, random_models
+from .tokenizer import CLIPTokenizer
 
 PROG = "python -m composer.sample"
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -29,11 +41,6 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
 # What a model is run with unless the spec or a flag says otherwise (SD1.5's usual settings).
 MODEL_DEFAULTS = {"height": 512, "width": 512, "steps": 50, "guidance": 7.5, "seed": 0, "sampler": "dpm++2m"}
 EMBEDDED_DEFAULTS = {"height": 64, "width": 64, "steps": 8, "guidance": 7.5, "seed": 0, "sampler": "dpm++2m"}
-
-
-def _samplers():
-    from .schedulers import SAMPLERS
-    return list(SAMPLERS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lora-strict", action=argparse.BooleanOptionalAction, default=True,
                     help="refuse a LoRA with keys that match no layer (default); --no-lora-strict loads the rest "
                          "and lists what was skipped")
+    ap.add_argument("--tokens", action="append", default=[], metavar="N:WORD[,WORD...]",
+                    help="the concept tokens of region N (1-based): words or phrases of its prompt that the method's "
+                         "losses and re-initialisation read (default: pseudo-words, a LoRA's trigger words, else its "
+                         "content words); repeatable")
     ap.add_argument("--no-enhance", action="store_true", help="ablation: no concept enhancement (L_ce, L_fill)")
     ap.add_argument("--no-isolate", action="store_true", help="ablation: no concept isolation (mask, L_region)")
     ap.add_argument("--no-reinit", action="store_true", help="ablation: no latent re-initialisation")
@@ -73,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                f"embedded model: {EMBEDDED_DEFAULTS['height']}, the demo its own)")
     ap.add_argument("--width", type=int, help=f"image width in pixels (default {MODEL_DEFAULTS['width']}; "
                                               f"embedded model: {EMBEDDED_DEFAULTS['width']}, the demo its own)")
-    ap.add_argument("--sampler", choices=_samplers(), help="default dpm++2m")
+    ap.add_argument("--sampler", choices=list(SAMPLERS), help="default dpm++2m")
     ap.add_argument("--eta", type=float, help="DDIM eta (default 0) or TCD gamma (default 0.3)")
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -99,10 +110,6 @@ def parse_lora_arg(arg: str) -> tuple[str, float]:
 def embedded_pipeline(device="cpu", dtype=torch.float32, attention="sdpa"):
     """The embedded model: a tiny random-weight SD1.5-structured model built in memory, with SD1's real CLIP
     tokenizer (shipped in the package)."""
-    from .pipeline import Pipeline
-    from .schedulers import SchedulerConfig
-    from .tiny import random_models
-    from .tokenizer import CLIPTokenizer
     unet, vae, te = random_models("tiny", seed=0, backend=attention)
     return Pipeline(unet.to(device, dtype), te.to(device, dtype), vae.to(device), CLIPTokenizer.default(),
                     SchedulerConfig(), dtype=dtype, device=device, attention=attention,
@@ -120,7 +127,6 @@ def progress(total: int, quiet: bool, desc: str = "sampling"):
 
 def _demo_spec(folder: str, pipe) -> dict:
     """Two random ED-LoRA concepts for the embedded model (written to ``folder``), left and right halves."""
-    from .tiny import random_edlora
     paths = []
     for i, (a, b) in enumerate((("<cat1>", "<cat2>"), ("<dog1>", "<dog2>"))):
         p = os.path.join(folder, f"concept{i}.pth")
@@ -133,7 +139,6 @@ def _demo_spec(folder: str, pipe) -> dict:
 
 def flag_overrides(a) -> dict:
     """The spec fields set explicitly on the command line (they win over the spec)."""
-    from .spec import parse_region_string
     over = {k: v for k, v in dict(prompt=a.prompt, negative_prompt=a.negative, steps=a.steps, guidance=a.guidance,
                                   seed=a.seed, height=a.height, width=a.width, sampler=a.sampler,
                                   eta=a.eta).items() if v is not None}
@@ -153,9 +158,6 @@ def flag_overrides(a) -> dict:
 
 
 def main(argv=None) -> int:
-    import tempfile
-    from . import load
-    from .spec import ComposeSpec, load_spec_data
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="composer: %(message)s")
     if a.jobs:
@@ -179,14 +181,25 @@ def main(argv=None) -> int:
                         attention=a.attention, use_ema=a.ema)
             defaults = MODEL_DEFAULTS
         spec = ComposeSpec.from_dict({**defaults, **data, **over, "model": model}, where=a.spec or "command line")
+        apply_token_flags(spec, a.tokens)
         return run_spec(pipe, spec, a)
+
+
+def apply_token_flags(spec, flags):
+    """--tokens N:word,word sets region N's concept tokens (overriding the spec's)."""
+    for f in flags:
+        n, sep, words = f.partition(":")
+        if not sep or not n.strip().isdigit() or not words.strip():
+            raise ValueError(f"--tokens {f!r}: expected N:WORD[,WORD...] with N a region number (1-based)")
+        i = int(n) - 1
+        if not 0 <= i < len(spec.regions):
+            raise ValueError(f"--tokens {f!r}: there are {len(spec.regions)} regions")
+        spec.regions[i].tokens = [w.strip() for w in words.split(",") if w.strip()]
+    spec.check()
 
 
 def run_spec(pipe, spec, a) -> int:
     """Run one resolved spec and write its PNG (with metadata)."""
-    from .compose import compose, warn_if_no_concept
-    from .io import save_png
-    from .pipeline import to_pil
     spec.check_files()
     if spec.regions:
         warn_if_no_concept(pipe, spec)
@@ -194,15 +207,17 @@ def run_spec(pipe, spec, a) -> int:
     t0 = time.perf_counter()
     try:
         if spec.regions:
-            image = compose(pipe, spec, callback=cb, debug_dir=a.debug_dir, strict=a.lora_strict)
+            image, info = compose(pipe, spec, callback=cb, debug_dir=a.debug_dir, strict=a.lora_strict,
+                                  return_info=True)
         else:
-            from .compose import compose_latents
-            lat, _ = compose_latents(pipe, spec, callback=cb, strict=a.lora_strict)
+            lat, info = compose_latents(pipe, spec, callback=cb, strict=a.lora_strict)
             image = to_pil(pipe.decode(lat))[0]
     finally:
         close()
     rec = spec.record(model=pipe.model_record())
     rec["seconds"] = round(time.perf_counter() - t0, 3)
+    if spec.regions:  # what the method did: each region's concept tokens and where they came from
+        rec["info"] = {k: info[k] for k in ("regions", "optimised_steps", "reinit")}
     save_png(image, a.out, rec)
     what = f"{len(spec.regions)} regions, " if spec.regions else ""
     print(f"wrote {a.out} ({spec.width}x{spec.height}, {what}{spec.steps} steps, {spec.sampler}, seed {spec.seed})",
@@ -211,8 +226,6 @@ def run_spec(pipe, spec, a) -> int:
 
 
 def _run_jobs(a) -> int:
-    from . import load
-    from .batch import dist_env, format_summary, merge_summaries, read_jobs, run_jobs, validate_jobs
     if not a.out_dir:
         raise ValueError("--jobs needs --out-dir")
     jobs = read_jobs(a.jobs)  # the whole file is checked before loading anything
@@ -254,5 +267,4 @@ def _run_jobs(a) -> int:
 
 
 if __name__ == "__main__":
-    from .cli import run
     sys.exit(run(PROG, main))

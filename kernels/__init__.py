@@ -23,7 +23,9 @@ otherwise). Triton is imported only when a Triton kernel runs.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 
 import torch
 
@@ -45,12 +47,10 @@ def resolve_backend(backend: str, device) -> str:
 
 
 def _triton_ok() -> bool:
-    import importlib.util
     return importlib.util.find_spec("triton") is not None
 
 
 def _require_triton_runtime(q):
-    import os
     if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before kernels are imported")
 

@@ -180,7 +180,12 @@ def test_locon_tucker_loha_lokr_by_hand(ref_pipe_dir, tmp_path):
     torch.testing.assert_close(conv.weight, W + 0.5 * (2.0 / 4) * tucker, rtol=0, atol=1e-6)
     q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q."
     loha = (sd[q + "hada_w1_a"] @ sd[q + "hada_w1_b"]) * (sd[q + "hada_w2_a"] @ sd[q + "hada_w2_b"])
-    torch.testing.assert_close(lin.weight, Wl + 0.5 * (1.0 / 4) * loha, rtol=0, atol=1e-6)
+    # relative to the delta itself (~5e-5): an absolute 1e-6 would pass an error of 2 %
+    got = lin.weight - Wl
+    want = 0.5 * (1.0 / 4) * loha
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-3
+    kk = pipe.unet.down_blocks[1].resnets[0].conv1
+    assert (((kk.weight - W) - 0.5 * (2.0 / 4) * tucker).abs().max() / tucker.abs().max()).item() <= 1e-4
     k = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k."
     lk = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_k
     kron = torch.kron(sd[k + "lokr_w1"], sd[k + "lokr_w2"])
@@ -189,6 +194,14 @@ def test_locon_tucker_loha_lokr_by_hand(ref_pipe_dir, tmp_path):
     x = torch.randn(1, 32, 8, 8)
     with torch.no_grad():  # live LoCon-Tucker adapter equals the merged conv
         torch.testing.assert_close(live.unet.down_blocks[1].resnets[0].conv1(x), conv(x), rtol=1e-5, atol=1e-5)
+    # live LoHa and LoKr forwards equal their merged layers (the dense-delta path of Linear)
+    t = torch.randn(2, 7, 32)
+    la = live.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    with torch.no_grad():
+        for name in ("to_q", "to_k"):
+            lv, mg = getattr(la, name), getattr(pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1, name)
+            assert lv.adapters and next(iter(lv.adapters.values())).dense is not None
+            assert max_rel_err(lv(t) - t @ lv.weight.T, mg(t) - t @ lv.weight.T) <= 1e-4
 
 
 # --- ED-LoRA --------------------------------------------------------------------------------------------
@@ -322,9 +335,16 @@ def test_edlora_convert_to_safetensors_loads_same(ref_pipe_dir, edlora_files, tm
     s = inspect_path(str(st))
     assert "edlora" in s and "<cat1>" in s and "bare alpha 1.0" in s
     a, b = composer.load(ref_pipe_dir), composer.load(ref_pipe_dir)
-    a.load_lora(path)
-    b.load_lora(str(st))
-    assert torch.equal(a.encode_prompt(["a <cat1> <cat2>"]), b.encode_prompt(["a <cat1> <cat2>"]))
+    la, lb = a.load_lora(path), b.load_lora(str(st))
+    assert len(la.modules) == len(lb.modules) == 8 + 128  # every UNet and text-encoder module survived
+    assert {(m.model, m.path) for m in la.modules} == {(m.model, m.path) for m in lb.modules}
+    ctx = a.encode_prompt(["a <cat1> <cat2>"])
+    assert torch.equal(ctx, b.encode_prompt(["a <cat1> <cat2>"]))
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():  # and the UNet deltas are the same (a converter dropping them fails here)
+        assert torch.equal(a.unet(x, 500, ctx), b.unet(x, 500, ctx))
+        base = composer.load(ref_pipe_dir).unet(x, 500, ctx)
+    assert (a.unet(x, 500, ctx) - base).abs().max() > 1e-4
 
 
 def test_kohya_peft_conversions_round_trip(ref_pipe_dir, kohya_lora, tmp_path):
@@ -486,3 +506,54 @@ def test_old_diffusers_attn_procs_spelling(ref_pipe_dir, peft_lora, ref_with_lor
     for p, layer in pipe._layers().items():
         if p[1].endswith(("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")):
             torch.testing.assert_close(layer.weight, full._layers()[p].weight, atol=1e-6, rtol=1e-6)
+
+
+def test_rslora_alpha_pattern_and_adapter_config(ref_pipe_dir, tmp_path):
+    """Raw PEFT: scale lora_alpha / sqrt(r) with use_rslora, per-module alpha_pattern, read from the
+    adapter_config.json beside adapter_model.safetensors."""
+    import json
+    pipe = composer.load(ref_pipe_dir)
+    g = torch.Generator().manual_seed(3)
+    mods = {"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (32, 32),
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v": (32, 32)}
+    sd = {}
+    for m, (o, i) in mods.items():
+        sd[f"base_model.model.{m}.lora_A.weight"] = torch.randn(4, i, generator=g)
+        sd[f"base_model.model.{m}.lora_B.weight"] = torch.randn(o, 4, generator=g)
+    d = tmp_path / "peft"
+    d.mkdir()
+    save_file(sd, str(d / "adapter_model.safetensors"))
+    (d / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8, "use_rslora": True,
+                                                       "alpha_pattern": {"attn2.to_v": 2}}))
+    lora = pipe.load_lora(str(d / "adapter_model.safetensors"))
+    scales = {m.path.rsplit(".", 1)[-1]: m.scale for m in lora.modules}
+    assert scales == {"to_k": pytest.approx(8 / 2), "to_v": pytest.approx(2 / 2)}  # alpha / sqrt(4)
+    ref = composer.load(ref_pipe_dir)
+    for m, _ in mods.items():
+        got = dict(pipe.unet.named_modules())[m].weight - dict(ref.unet.named_modules())[m].weight
+        A, B = sd[f"base_model.model.{m}.lora_A.weight"], sd[f"base_model.model.{m}.lora_B.weight"]
+        want = (8 if m.endswith("to_k") else 2) / 2 * B @ A
+        assert max_rel_err(got, want) <= 1e-5
+    (d / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8}))  # no rsLoRA: alpha / r
+    p2 = composer.load(ref_pipe_dir)
+    assert {m.scale for m in p2.load_lora(str(d / "adapter_model.safetensors")).modules} == {2.0}
+
+
+def test_region_scale_other_than_one(ref_pipe_dir, edlora_files):
+    """A region's LoRA scale multiplies its deltas (K/V/out and the text encoder), as merging at that scale does."""
+    from composer.compose import ComposeSpec, prepare
+    path, _ = edlora_files["new"]
+    pipe = composer.load(ref_pipe_dir)
+    prep = {s: prepare(pipe, ComposeSpec.from_dict(dict(prompt="x", height=64, width=64, regions=[
+        {"prompt": "a <cat1> <cat2>", "box": [0, 0, 1, 1], "lora": path, "scale": s}]))) for s in (1.0, 0.4)}
+    names = {s: p.ra.adapters[0] for s, p in prep.items()}
+    assert names[0.4] != names[1.0]
+    k = pipe.unet.transformer_blocks()[0].attn2.to_k
+    a1, a4 = k.adapters.get(names[1.0]), k.adapters[names[0.4]]
+    merged = composer.load(ref_pipe_dir)
+    merged.load_lora(path, scale=0.4)
+    mk = merged.unet.transformer_blocks()[0].attn2.to_k
+    assert max_rel_err(a4.up @ a4.down, mk.weight - k.weight) <= 1e-5
+    if a1 is not None:  # the 1.0 adapter was replaced when the same file came back at 0.4
+        assert max_rel_err(a1.up @ a1.down, 2.5 * (a4.up @ a4.down)) <= 1e-5
+    torch.testing.assert_close(prep[0.4].ra.pos_ctx[0], merged.encode_prompt(["a <cat1> <cat2>"]), atol=1e-5, rtol=1e-5)

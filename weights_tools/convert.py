@@ -18,10 +18,13 @@ import argparse
 import os
 import sys
 
+import composer
 from composer.checkpoint import check_finite, read_weights
+from composer.cli import run
 from composer.io import save_safetensors
 from composer.lora import CONVERT_KINDS, convert_lora_cli
 from composer.tiny import save_diffusers
+from weights_tools.ldm import to_ldm
 
 PROG = "python -m weights_tools.convert"
 
@@ -37,14 +40,11 @@ def ckpt_to_safetensors(src: str, dst: str):
 
 
 def ldm_to_diffusers(src: str, dst: str, tokenizer: str | None):
-    import composer
     p = composer.load(src, dtype=None, tokenizer=tokenizer, vae_dtype=None)
     save_diffusers(dst, p.unet, p.vae, p.text_encoder, p.tokenizer, p.scheduler_config)
 
 
 def diffusers_to_ldm(src: str, dst: str):
-    import composer
-    from weights_tools.ldm import to_ldm
     p = composer.load(src, dtype=None, vae_dtype=None)
     sd, meta = to_ldm(p.unet, p.vae, p.text_encoder)
     save_safetensors(sd, dst, meta)
@@ -75,5 +75,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from composer.cli import run
     sys.exit(run(PROG, main))

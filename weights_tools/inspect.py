@@ -19,6 +19,10 @@ import sys
 
 from composer import convert
 from composer.checkpoint import CheckpointError, load_pickle, read_json, read_weights, unwrap
+from composer.cli import run
+from composer.loading import read_component
+from composer.lora import describe_lora, detect_lora_format
+from composer.tokenizer import CLIPTokenizer
 
 PROG = "python -m weights_tools.inspect"
 
@@ -51,7 +55,6 @@ def summarize(sd: dict, groups: dict) -> list[str]:
 
 
 def classify_file(sd: dict) -> str:
-    from composer.lora import detect_lora_format
     kind = detect_lora_format(sd)
     if kind:
         return f"LoRA ({kind})"
@@ -73,7 +76,6 @@ def classify_file(sd: dict) -> str:
 # --- tokenizers and configs -----------------------------------------------------------------------------
 
 def describe_tokenizer(path: str) -> list[str]:
-    from composer.tokenizer import CLIPTokenizer
     tok = CLIPTokenizer.from_file(path)
     data = json.loads(tok.tok.to_str())
     merges = len(data["model"]["merges"])
@@ -104,7 +106,6 @@ def _is_tokenizer_dir(path: str) -> bool:
 
 
 def inspect_dir(path: str) -> list[str]:
-    from composer.loading import read_component
     out = []
     if any(os.path.isdir(os.path.join(path, s)) for s in ("unet", "vae", "text_encoder")):
         out.append(f"{path}: diffusers folder"
@@ -147,7 +148,6 @@ def inspect_dir(path: str) -> list[str]:
 # --- files -----------------------------------------------------------------------------------------------------
 
 def inspect_file(path: str) -> list[str]:
-    from composer.lora import describe_lora
     low = path.lower()
     if low.endswith(".gz") or os.path.basename(low) == "tokenizer.json":
         return [f"{path}: tokenizer file"] + describe_tokenizer(path)
@@ -198,5 +198,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from composer.cli import run
     sys.exit(run(PROG, main))

@@ -20,6 +20,7 @@ import json
 import os
 import sys
 
+from composer.cli import run
 from composer.io import save_json, save_safetensors
 from composer.pipeline import Pipeline
 from composer.schedulers import SchedulerConfig
@@ -77,5 +78,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from composer.cli import run
     sys.exit(run(PROG, main))
