@@ -20,7 +20,30 @@ from .spec import resolve_box
 
 COLORS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
           (240, 50, 230), (210, 245, 60)]
-TILE, CAPTION = 128, 28
+TILE, CAPTION, LEGEND_LINE = 128, 28, 14
+
+
+def label_rects(spec, d, font) -> list:
+    """Per region: (its box [x0, y0, x1, y1] in pixels or None for a mask, the rectangle of its number tag). The
+    tag sits in the box's top-left corner, moved down past the tags of earlier regions it would overlap, and
+    always inside its own box (clipped to it when the box is tiny)."""
+    H, W = spec.height, spec.width
+    out, placed = [], []
+    for i, r in enumerate(spec.regions):
+        if r.box is None:
+            out.append((None, None))
+            continue
+        t, l, b, rr = resolve_box(list(r.box), H, W, i)
+        box = [l * W, t * H, rr * W - 1, b * H - 1]
+        tw, th = d.textlength(str(i + 1), font=font) + 4, 12
+        x0, y0 = box[0] + 2, box[1] + 2
+        while any(x0 < p[2] and p[0] < x0 + tw and y0 < p[3] and p[1] < y0 + th for p in placed) \
+                and y0 + 2 * th < box[3]:
+            y0 += th + 1
+        tag = [x0, y0, min(x0 + tw, box[2] - 1), min(y0 + th, box[3] - 1)]
+        placed.append(tag)
+        out.append((box, tag))
+    return out
 
 
 def _font():
@@ -100,24 +123,19 @@ class DebugRecorder:
     def layout(self, image, spec, pipe, font) -> Image.Image:
         H, W = spec.height, spec.width
         n = len(spec.regions)
-        line = 14
-        canvas = Image.new("RGB", (W, H + 8 + line * max(n, 1)), "white")
+        canvas = Image.new("RGB", (W, H + 8 + LEGEND_LINE * max(n, 1)), "white")
         canvas.paste(image.convert("RGB"), (0, 0))
         d = ImageDraw.Draw(canvas)
-        for i, r in enumerate(spec.regions):
+        for i, (r, (box, tag)) in enumerate(zip(spec.regions, label_rects(spec, d, font))):
             c = COLORS[i % len(COLORS)]
-            if r.box is not None:
-                t, l, b, rr = resolve_box(list(r.box), H, W, i)
-                x0, y0, x1, y1 = l * W, t * H, rr * W - 1, b * H - 1
-                d.rectangle([x0, y0, x1, y1], outline=c, width=2)
-                tag = str(i + 1)
-                tw = d.textlength(tag, font=font)
-                d.rectangle([x0 + 2, y0 + 2, x0 + 6 + tw, y0 + 14], fill=c)  # the number sits inside its box
-                d.text((x0 + 4, y0 + 2), tag, fill="white", font=font)
+            if box is not None:
+                d.rectangle(box, outline=c, width=2)
+                d.rectangle(tag, fill=c)  # the number sits inside its own box
+                d.text((tag[0] + 2, tag[1]), str(i + 1), fill="white", font=font)
             lora = os.path.basename(r.lora) if r.lora else "no LoRA"
-            d.rectangle([4, H + 6 + line * i, 12, H + 14 + line * i], fill=c)
-            d.text((16, H + 4 + line * i), _fit(d, f"{i + 1}: {r.prompt}  [{lora}]", W - 20, font), fill=(0, 0, 0),
-                   font=font)
+            y = H + 6 + LEGEND_LINE * i
+            d.rectangle([4, y, 12, y + 8], fill=c)
+            d.text((16, y - 2), _fit(d, f"{i + 1}: {r.prompt}  [{lora}]", W - 20, font), fill=(0, 0, 0), font=font)
         return canvas
 
     def sheet(self, spec, pipe, font) -> Image.Image:

@@ -367,3 +367,28 @@ def test_yaml_spec(tmp_path, concepts):
 
 def test_public_api_names():
     assert composer.compose is compose and composer.ComposeSpec is ComposeSpec
+
+
+def test_debug_layout_labels_stay_inside_their_boxes_and_heatmaps_are_labelled(pipe, concepts, tmp_path):
+    from PIL import ImageDraw
+    from composer.debug import CAPTION, TILE, label_rects, _font
+    regs = [{"prompt": "a <cat1> <cat2> with a very long prompt that would run into the next box", "box": [0, 0, 128, 80],
+             "lora": concepts[0]},
+            {"prompt": "a <dog1> <dog2>", "box": [0, 8, 128, 128], "lora": concepts[1]},  # same top-left area
+            {"prompt": "a <owl1> <owl2>", "box": [64, 64, 128, 128], "lora": concepts[2]}]
+    spec = ComposeSpec.from_dict(dict(prompt="x", height=128, width=128, steps=3, regions=regs))
+    compose(pipe, spec, debug_dir=str(tmp_path))
+    d = ImageDraw.Draw(Image.new("RGB", (8, 8)))
+    rects = label_rects(spec, d, _font())
+    tags = [t for _, t in rects]
+    for (box, tag) in rects:
+        assert box[0] <= tag[0] and box[1] <= tag[1] and tag[2] <= box[2] and tag[3] <= box[3]
+    for i in range(3):
+        for j in range(i):
+            a, b = tags[i], tags[j]
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (i, j)
+    lay = Image.open(tmp_path / "layout.png")
+    assert lay.size == (128, 128 + 8 + 14 * 3)  # image + a legend line per region
+    sheet = Image.open(tmp_path / "attention.png")
+    rows = 1 + 2  # reinit + steps 0 and the last optimised (step 3 // 5 = 0 is step 0)
+    assert sheet.size == (4 + 6 * (TILE + 4), 4 + rows * (TILE + CAPTION + 4))  # 3 regions × 2 tokens per row
