@@ -19,6 +19,7 @@ import torch
 
 from PIL import Image
 from .concepts import PSEUDO_WORD, bind_concept, select_tokens
+from .conditions import build_conditions
 from .debug import DebugRecorder
 from .losses import box_cells, compute_losses, reinit_latents
 from .pipeline import NonFiniteError, to_pil
@@ -177,11 +178,13 @@ class LatentOptimiser:
     - lr_i = lr·sqrt(linspace(1, 0.5, S)[i]);
     - the last optimised step is ``max_opt_step`` (default ⌊S/2⌋: 25 of 50, 4 of 8, 2 of 4);
     - it stops early, for good, after step i if L_i > L_{i−1} and i ≥ ⌈S/10⌉ (5 of 50, 1 below 11 steps).
-    ``observer("optimise", ...)`` sees every step.
+    ``observer("optimise", ...)`` sees every step. ``conditions`` (composer/conditions.py): the image conditions
+    active at the step join the loss pass, as in the CFG pass.
     """
 
-    def __init__(self, pipe, prep: Prepared, spec: ComposeSpec, steps: int, observer=None):
+    def __init__(self, pipe, prep: Prepared, spec: ComposeSpec, steps: int, observer=None, conditions=None):
         self.pipe, self.prep, self.spec, self.observer = pipe, prep, spec, observer
+        self.conditions, self.steps = conditions, steps
         ra = prep.ra
         self.region_loss = ra.want_self_maps
         self.weights = OFFICIAL_WEIGHTS if spec.loss_weights == "official" else PAPER_WEIGHTS
@@ -193,12 +196,16 @@ class LatentOptimiser:
         self.prev, self.last = 1000.0, None
         self.losses, self.optimised_steps = [], 0
 
-    def maps(self, z, t, grad: bool):
-        """Cond-only forward with region attention storing the analysis maps; -> (per-region cross maps, self map)."""
+    def maps(self, z, t, grad: bool, i: int = 0):
+        """Cond-only forward at step i with region attention storing the analysis maps (and the conditions active at
+        step i); -> (per-region cross maps, self map)."""
         ra = self.prep.ra
         ra.for_batch(("cond",), store=True)
         with torch.set_grad_enabled(grad):
-            self.pipe.unet(z.to(self.pipe.dtype), t, self.prep.cond, regions=ra, stop_after_layer=self.last_layer)
+            zin = z.to(self.pipe.dtype)
+            sc = self.conditions.at(i, self.steps) if self.conditions is not None else None
+            kw = sc.residuals(zin, t, self.prep.cond, cfg=False) if sc is not None else {}
+            self.pipe.unet(zin, t, self.prep.cond, regions=ra, stop_after_layer=self.last_layer, **kw)
         return ra.aggregated_maps()
 
     def loss(self, cross, smap):
@@ -219,7 +226,7 @@ class LatentOptimiser:
             return x
         c = float(sch.scale_model_input(i, torch.ones(())))  # UNet input = c·x (1 for DPM-Solver and DDIM)
         z = (c * x).detach().requires_grad_(True)
-        cross, smap = self.maps(z, t, True)
+        cross, smap = self.maps(z, t, True, i)
         loss, terms = self.loss(cross, smap)
         value = loss.detach().item()
         if not math.isfinite(value):
@@ -246,17 +253,20 @@ def last_optimised_step(spec: ComposeSpec, steps: int) -> int:
     return spec.max_opt_step if spec.max_opt_step is not None else steps // 2
 
 
-def reinitialise(pipe, prep: Prepared, sch, z: torch.Tensor, observer=None) -> torch.Tensor:
+def reinitialise(pipe, prep: Prepared, sch, z: torch.Tensor, observer=None, conditions=None) -> torch.Tensor:
     """Latent re-initialisation (method.md §9) of the unit noise z: one cond-only forward at t = timesteps[0]
-    (UNet input: the first step's, scale_model_input(0, z·init_noise_sigma)) with region attention; per region,
-    the noise patch under the window where its tokens' (unsmoothed) maps are strongest is copied into its box;
-    then the whole latent is restored to z's mean and std (the loop multiplies by init_noise_sigma)."""
+    (UNet input: the first step's, scale_model_input(0, z·init_noise_sigma)) with region attention and the image
+    conditions of step 0; per region, the noise patch under the window where its tokens' (unsmoothed) maps are
+    strongest is copied into its box; then the whole latent is restored to z's mean and std (the loop multiplies
+    by init_noise_sigma)."""
     ra, x = prep.ra, z
     _, last = _analysis_layers(pipe.unet)
     ra.for_batch(("cond",), store=True)
     with torch.no_grad():
-        pipe.unet(sch.scale_model_input(0, z * sch.init_noise_sigma).to(pipe.dtype), sch.timesteps[0], prep.cond,
-                  regions=ra, stop_after_layer=last)
+        t0, zin = sch.timesteps[0], sch.scale_model_input(0, z * sch.init_noise_sigma).to(pipe.dtype)
+        sc = conditions.at(0, len(sch.timesteps)) if conditions is not None else None
+        kw = sc.residuals(zin, t0, prep.cond, cfg=False) if sc is not None else {}
+        pipe.unet(zin, t0, prep.cond, regions=ra, stop_after_layer=last, **kw)
         cross, _ = ra.aggregated_maps()
     sel = [(i, [cross[i][:, :, p].float() for p in prep.token_pos[i]]) for i in range(ra.n) if prep.token_pos[i]]
     out = reinit_latents(x, [m for _, m in sel], [prep.loss_boxes[i] for i, _ in sel], ra.analysis_hw)
@@ -306,13 +316,16 @@ def _compose(pipe, spec, callback, observer, backend, strict):
     info = {"loss": [], "optimised_steps": 0, "reinit": False,
             "regions": [{"lora": prep.ra.adapters[i] and os.path.basename(pipe.loras.loras[prep.ra.adapters[i]].path),
                          **t.record()} for i, t in enumerate(prep.tokens)] if prep.ra is not None else []}
+    conds = build_conditions(pipe, spec.conditions, spec.height, spec.width, n_regions=len(spec.regions),
+                             region_mask=prep.ra.region_mask if prep.ra is not None else None)
     opt = None
     if prep.ra is not None:
         if spec.reinit and any(prep.token_pos):
-            x = reinitialise(pipe, prep, sch, x, observer)
+            x = reinitialise(pipe, prep, sch, x, observer, conds)
             info["reinit"] = True
-        opt = LatentOptimiser(pipe, prep, spec, len(sch.timesteps), observer)
-    x = pipe.denoise(x, sch, ctx, spec.guidance, generator=g, regions=prep.ra, optimiser=opt, callback=callback)
+        opt = LatentOptimiser(pipe, prep, spec, len(sch.timesteps), observer, conds)
+    x = pipe.denoise(x, sch, ctx, spec.guidance, generator=g, regions=prep.ra, optimiser=opt, conditions=conds,
+                     callback=callback)
     if opt is not None:
         info["loss"], info["optimised_steps"] = opt.losses, opt.optimised_steps
     return x, info

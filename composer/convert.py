@@ -80,6 +80,28 @@ def clip_key_to_ldm(k: str) -> str:
     return k  # after the prefix, LDM files already use transformers' names
 
 
+CONTROLNET_PREFIX = "control_model."
+
+
+def controlnet_key_to_ldm(k: str, layers_per_block: int, attention_levels: tuple, hint_convs: int) -> str:
+    """A ControlNet key (diffusers ``ControlNetModel`` names) -> the original ``cldm`` key, without prefix. The
+    encoder is the UNet's (same table); the additions are the hint encoder ``input_hint_block`` (a Sequential of
+    convs and SiLUs: convs at even indices, ``hint_convs`` of them), the zero convolutions ``zero_convs.{i}.0`` on
+    each skip and ``middle_block_out.0`` on the mid block (facts from diffusers ``convert_controlnet_checkpoint``)."""
+    mod, _, param = k.rpartition(".")
+    if mod == "controlnet_cond_embedding.conv_in":
+        return f"input_hint_block.0.{param}"
+    if m := re.fullmatch(r"controlnet_cond_embedding\.blocks\.(\d+)", mod):
+        return f"input_hint_block.{2 * (int(m[1]) + 1)}.{param}"
+    if mod == "controlnet_cond_embedding.conv_out":
+        return f"input_hint_block.{2 * (hint_convs - 1)}.{param}"
+    if m := re.fullmatch(r"controlnet_down_blocks\.(\d+)", mod):
+        return f"zero_convs.{m[1]}.0.{param}"
+    if mod == "controlnet_mid_block":
+        return f"middle_block_out.0.{param}"
+    return unet_key_to_ldm(k, layers_per_block, attention_levels)
+
+
 def ldm_name_table(component: str, our_keys, cfg) -> dict:
     """{our key: full LDM key} for one component ('unet', 'vae', 'text_encoder')."""
     if component == "unet":

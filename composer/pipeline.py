@@ -55,6 +55,8 @@ class Pipeline:
         # encoded-prompt cache for batches (composer/batch.py); 0 disables it. Cleared whenever LoRAs change.
         self.prompt_cache_mb = 0.0
         self._prompt_cache: dict = {}
+        # T2I-Adapters and ControlNets by (kind, file), loaded on first use (composer/conditions.py)
+        self.condition_models: dict = {}
 
     def model_record(self) -> dict:
         """What the model is, for image metadata: name and path, plus the sha256 of a single file (A1111's
@@ -74,7 +76,7 @@ class Pipeline:
     def set_attention(self, backend: str):
         """Switch every model's attention backend (and with it the region kernels)."""
         self.attention = check_backend(backend)
-        for m in (self.unet, self.text_encoder, self.vae):
+        for m in (self.unet, self.text_encoder, self.vae, *self.condition_models.values()):
             for mod in m.modules():
                 if hasattr(mod, "backend") and isinstance(mod.backend, str):
                     mod.backend = backend
@@ -179,14 +181,19 @@ class Pipeline:
         g = torch.Generator("cpu").manual_seed(int(seed))
         return torch.randn((1, 4, height // 8, width // 8), generator=g, dtype=torch.float32).to(self.device), g
 
-    def eps(self, x, t, context, guidance, **unet_kw):
+    def eps(self, x, t, context, guidance, conditions=None, **unet_kw):
         """One CFG evaluation: context is [uncond; cond] (2B) when guidance > 1, else cond only.
-        context is [N, 77, C] or per layer [L, N, 77, C]."""
-        if context.shape[-3] == 2 * x.shape[0]:
-            e = self.unet(torch.cat([x, x]).to(self.dtype), t, context, **unet_kw).float()
+        context is [N, 77, C] or per layer [L, N, 77, C]. ``conditions``: this step's image conditions
+        (composer/conditions.py ``StepConditions``), applied to the whole batch, so to both CFG halves."""
+        cfg = context.shape[-3] == 2 * x.shape[0]
+        xin = (torch.cat([x, x]) if cfg else x).to(self.dtype)
+        if conditions is not None:
+            unet_kw = {**unet_kw, **conditions.residuals(xin, t, context, cfg=cfg)}
+        e = self.unet(xin, t, context, **unet_kw).float()
+        if cfg:
             u, c = e.chunk(2)
             return u + guidance * (c - u)
-        return self.unet(x.to(self.dtype), t, context, **unet_kw).float()
+        return e
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -211,7 +218,7 @@ class Pipeline:
         return make_sampler(name, self.scheduler_config, steps, eta=eta, final=final)
 
     def denoise(self, noise, sch, context, guidance: float, *, generator=None, regions=None, optimiser=None,
-                callback=None):
+                conditions=None, callback=None):
         """The one sampler loop. ``noise`` [B, 4, h, w] ~ N(0, I) (fp32) is the seeded initial latent (possibly
         re-initialised); the loop starts from noise·init_noise_sigma. ``context`` is [uncond; cond] when
         guidance > 1, else cond only (either may be per layer, [L, N, 77, C]).
@@ -219,7 +226,9 @@ class Pipeline:
         Optional parts of each step, in order:
         - ``optimiser``: ``optimiser.step(i, t, x, sch) -> x`` updates the latent before the CFG pass
           (LoRA-Composer's test-time optimisation, method.md §7-8) and reports its loss in ``optimiser.last``;
-        - ``regions``: the region attention state (composer/regions.py) used by the CFG pass (§4, §5).
+        - ``regions``: the region attention state (composer/regions.py) used by the CFG pass (§4, §5);
+        - ``conditions``: T2I-Adapters / ControlNets (composer/conditions.py ``Conditions``), those active at step i
+          applied in the CFG pass (the optimiser applies them in its loss pass).
         The UNet sees ``sch.scale_model_input(i, x)`` at ``sch.timesteps[i]`` (fractional for σ-interpolated
         schedules). ``callback(i, n, **info)`` is called after every step.
         """
@@ -236,6 +245,8 @@ class Pipeline:
                 if regions is not None:
                     kw["regions"] = regions.for_batch(("uncond", "cond") if context.shape[-3] == 2 * x.shape[0]
                                                       else ("cond",), store=False)
+                if conditions is not None:
+                    kw["conditions"] = conditions.at(i, n)
                 e = self.eps(sch.scale_model_input(i, x), t, context, guidance, **kw)
                 x = sch.step(i, e, x, generator=generator)
             if not torch.isfinite(x).all():
@@ -247,17 +258,23 @@ class Pipeline:
     @torch.no_grad()
     def sample_latents(self, prompt: str, *, negative_prompt: str = "", height: int = 512, width: int = 512,
                        steps: int = 50, guidance: float = 7.5, seed: int = 0, sampler: str = "ddim",
-                       eta: float | None = None, callback=None) -> torch.Tensor:
+                       eta: float | None = None, conditions=None, callback=None) -> torch.Tensor:
+        """``conditions``: a list of T2I-Adapter / ControlNet entries ({"kind", "model", "image", "weight", "start",
+        "end", "guess_mode", ...}, composer/conditions.py), or a built ``Conditions``."""
         check_size(height, width)
         if not isinstance(prompt, str):
             raise TypeError("prompt must be a string")
+        if conditions is not None and not hasattr(conditions, "at"):
+            from .conditions import build_conditions
+            conditions = build_conditions(self, conditions, height, width, where="generate")
         sch = self.make_sampler(sampler, steps, eta=eta)
         noise, g = self.initial_latent(seed, height, width)
         ctx = self.encode_prompt([negative_prompt, prompt] if guidance > 1.0 else [prompt])
-        return self.denoise(noise, sch, ctx, guidance, generator=g, callback=callback)
+        return self.denoise(noise, sch, ctx, guidance, generator=g, conditions=conditions, callback=callback)
 
     def generate(self, prompt: str, **kw) -> Image.Image:
-        """Text to image; keywords as in :meth:`sample_latents`. Returns a PIL image."""
+        """Text to image (optionally with image ``conditions``); keywords as in :meth:`sample_latents`. Returns a PIL
+        image."""
         return to_pil(self.decode(self.sample_latents(prompt, **kw)))[0]
 
     def to(self, device=None, dtype=None):
@@ -268,4 +285,6 @@ class Pipeline:
         self.unet.to(device=device, dtype=dtype)
         self.text_encoder.to(device=device, dtype=dtype)
         self.vae.to(device=device)
+        for m in self.condition_models.values():
+            m.to(device=device, dtype=dtype)
         return self

@@ -27,6 +27,7 @@ import torch
 from .batch import dist_env, format_summary, merge_summaries, read_jobs, run_jobs, validate_jobs
 from .cli import run
 from .compose import compose, compose_latents, warn_if_no_concept
+from .conditions import parse_condition_arg
 from .io import save_png
 from .loading import load
 from .pipeline import Pipeline, to_pil
@@ -62,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lora-strict", action=argparse.BooleanOptionalAction, default=True,
                     help="refuse a LoRA with keys that match no layer (default); --no-lora-strict loads the rest "
                          "and lists what was skipped")
+    ap.add_argument("--condition", action="append", default=[], metavar="KIND:MODEL:IMAGE[:WEIGHT]",
+                    help="an image condition, repeatable: KIND t2i-adapter or controlnet (KIND+canny: detect edges in "
+                         "IMAGE first), MODEL a diffusers folder or an original .pth/.safetensors, IMAGE used as given "
+                         "(resized to the output size with a warning), WEIGHT default 1.0. Replaces the spec's "
+                         "'conditions'; per-region weights, start/end and guess mode are spec fields")
     ap.add_argument("--tokens", action="append", default=[], metavar="N:WORD[,WORD...]",
                     help="the concept tokens of region N (1-based): words or phrases of its prompt that the method's "
                          "losses and re-initialisation read (default: pseudo-words, a LoRA's trigger words, else its "
@@ -154,6 +160,8 @@ def flag_overrides(a) -> dict:
         over["regions"] = parse_region_string(a.regions)
     if a.lora:
         over["loras"] = [{"path": p, "scale": s} for p, s in map(parse_lora_arg, a.lora)]
+    if a.condition:
+        over["conditions"] = [parse_condition_arg(c) for c in a.condition]
     return over
 
 

@@ -2,7 +2,8 @@
 a dict or the official region string, and validated before anything runs.
 
 A spec without regions is plain text-to-image. Paths in a spec file (``model``, ``tokenizer``, ``regions[].lora``,
-``regions[].mask``, ``background_lora``) are resolved relative to the spec file's folder. Resolution order for
+``regions[].mask``, ``background_lora``, ``conditions[].model``, ``conditions[].image``) are resolved relative to
+the spec file's folder. Resolution order for
 every field: the defaults of the model < the spec < an explicit command-line flag.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from . import __version__
+from .conditions import condition_entry
 from .io import file_sha256, read_png_spec
 from .schedulers import SAMPLERS
 log = logging.getLogger(__name__)
@@ -61,6 +63,9 @@ class ComposeSpec:
     max_opt_step: int | None = None   # the last optimised step; default half the steps (the official 25 of 50)
     loras: list = field(default_factory=list)  # [{"path", "scale"}]: merged for text-to-image; in a composition
     #                                            each binds to the region whose prompt has its pseudo-words
+    # T2I-Adapters / ControlNets: [{"kind", "model", "image", "weight", "regions", "start", "end", ...}]
+    # (composer/conditions.py), for text-to-image and composition alike
+    conditions: list = field(default_factory=list)
     model: str | None = None
     tokenizer: str | None = None
 
@@ -92,6 +97,9 @@ class ComposeSpec:
                 raise ValueError(f"{where}: region {i}: unknown field(s) {rb}; known: {sorted(rknown)}")
             out.append(Region(**r))
         kw["loras"] = [_lora_entry(e, where, i) for i, e in enumerate(kw.get("loras") or [])]
+        if not isinstance(kw.get("conditions") or [], list):
+            raise ValueError(f"{where}: 'conditions' must be a list of {{kind, model, image, ...}} objects")
+        kw["conditions"] = list(kw.get("conditions") or [])
         spec = cls(**kw, regions=out)
         spec.check(where)
         return spec
@@ -137,12 +145,21 @@ class ComposeSpec:
                                          not all(isinstance(t, str) and t.strip() for t in r.tokens)):
                 raise ValueError(f"{where}: region {i}: 'tokens' must be a non-empty list of words of its prompt, "
                                  f"got {r.tokens!r}")
+        # condition entries are normalised here (idempotent), so every way of building a spec validates them
+        self.conditions = [condition_entry(e, where, i) for i, e in enumerate(self.conditions)]
+        for i, c in enumerate(self.conditions):
+            bad = [r for r in c["regions"] if r >= len(self.regions)]
+            if bad:
+                raise ValueError(f"{where}: conditions[{i}].regions: region {bad[0]} does not exist (the spec has "
+                                 f"{len(self.regions)} region(s))")
 
     def check_files(self, where: str = "spec"):
         """Every file the spec names exists (run before the first image of a batch)."""
         paths = [("background_lora", self.background_lora)] + \
                 [(f"loras[{i}]", e["path"]) for i, e in enumerate(self.loras)] + \
-                [(f"regions[{i}].{k}", getattr(r, k)) for i, r in enumerate(self.regions) for k in ("lora", "mask")]
+                [(f"regions[{i}].{k}", getattr(r, k)) for i, r in enumerate(self.regions) for k in ("lora", "mask")] + \
+                [(f"conditions[{i}].{k}", c[k]) for i, c in enumerate(self.conditions) for k in ("model", "image")
+                 if isinstance(c[k], (str, os.PathLike))]
         for name, p in paths:
             if p is not None and not os.path.exists(p):
                 raise FileNotFoundError(f"{where}: {name} file not found: {p}")
@@ -161,9 +178,10 @@ class ComposeSpec:
         ref = lambda p: None if p is None else {"name": os.path.basename(p), "path": os.path.abspath(p),
                                                 "sha256": file_sha256(p)}
         d["loras"] = [{**ref(e["path"]), "scale": e["scale"]} for e in self.loras]
+        d["conditions"] = [_condition_record(c) for c in self.conditions]
         if not self.regions:
             keep = ("prompt", "negative_prompt", "height", "width", "steps", "guidance", "seed", "sampler", "eta",
-                    "loras")
+                    "loras", "conditions")
             d = {k: d[k] for k in keep}
         else:
             d["background_lora"] = ref(self.background_lora)
@@ -242,7 +260,27 @@ def resolve_paths(d: dict, base_dir: str | None, where: str) -> dict:
         out.append(r)
     if "regions" in d:
         d["regions"] = out
+    conds = d.get("conditions")
+    if isinstance(conds, list):  # model and image paths; a PIL image or tensor given from Python stays as it is
+        d["conditions"] = [{k: (one(v, f"conditions[{i}].{k}") if k in ("model", "image") and
+                                isinstance(v, (str, dict)) else v) for k, v in c.items()}
+                           if isinstance(c, dict) else c for i, c in enumerate(conds)]
     return d
+
+
+def _condition_record(c: dict) -> dict:
+    """A condition as recorded: model and image as {name, path, sha256} (a folder: name and path)."""
+    def ref(p):
+        if not isinstance(p, (str, os.PathLike)):
+            return {"name": f"<in-memory {type(p).__name__}>"}
+        p = os.fspath(p)
+        r = {"name": os.path.basename(os.path.normpath(p)), "path": os.path.abspath(p)}
+        return {**r, "sha256": file_sha256(p)} if os.path.isfile(p) else r
+    out = {**c, "model": ref(c["model"]), "image": ref(c["image"]), "regions": {str(k): v for k, v in c["regions"].items()}}
+    if out.get("preprocess") is None:
+        out.pop("preprocess", None)
+        out.pop("canny", None)
+    return out
 
 
 def _lora_entry(e, where, i) -> dict:

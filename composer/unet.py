@@ -35,6 +35,9 @@ class UNetConfig:
     cross_attention_dim: int = 768
     norm_num_groups: int = 32
     sample_size: int = 64
+    # False: the encoder only (conv_in, time embedding, down blocks, mid block), as a ControlNet
+    # (composer/controlnet.py) builds it; no up blocks, no output layers
+    decoder: bool = True
 
     @property
     def time_embed_dim(self) -> int:
@@ -294,19 +297,20 @@ class UNet(nn.Module):
             self.down_blocks.append(Block(res, att, "downsamplers", down))
         self.mid_block = MidBlock(ch[-1], temb, heads, cdim, g, backend)
 
-        self.up_blocks = nn.ModuleList()
-        rch, rattn = ch[::-1], cfg.attention_levels[::-1]
-        cout = rch[0]
-        for i in range(n):
-            prev, cout, skip_in = cout, rch[i], rch[min(i + 1, n - 1)]
-            m = cfg.layers_per_block + 1
-            res = [ResnetBlock2D((prev if j == 0 else cout) + (skip_in if j == m - 1 else cout), cout, temb, g, 1e-5)
-                   for j in range(m)]
-            att = [tf(cout) for _ in range(m)] if rattn[i] else None
-            up = Upsample2D(cout) if i < n - 1 else None
-            self.up_blocks.append(Block(res, att, "upsamplers", up))
-        self.conv_norm_out = nn.GroupNorm(g, ch[0], eps=1e-5)
-        self.conv_out = Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        if cfg.decoder:
+            self.up_blocks = nn.ModuleList()
+            rch, rattn = ch[::-1], cfg.attention_levels[::-1]
+            cout = rch[0]
+            for i in range(n):
+                prev, cout, skip_in = cout, rch[i], rch[min(i + 1, n - 1)]
+                m = cfg.layers_per_block + 1
+                res = [ResnetBlock2D((prev if j == 0 else cout) + (skip_in if j == m - 1 else cout), cout, temb, g,
+                                     1e-5) for j in range(m)]
+                att = [tf(cout) for _ in range(m)] if rattn[i] else None
+                up = Upsample2D(cout) if i < n - 1 else None
+                self.up_blocks.append(Block(res, att, "upsamplers", up))
+            self.conv_norm_out = nn.GroupNorm(g, ch[0], eps=1e-5)
+            self.conv_out = Conv2d(ch[0], cfg.out_channels, 3, padding=1)
         for l, blk in enumerate(self.transformer_blocks()):
             blk.attn1.layer_index = blk.attn2.layer_index = l
 
@@ -314,7 +318,7 @@ class UNet(nn.Module):
         """The BasicTransformerBlocks in forward order: index = cross-attention layer l (method.md §1)."""
         tfs = [a for b in self.down_blocks if b.has_attention for a in b.attentions]
         tfs += list(self.mid_block.attentions)
-        tfs += [a for b in self.up_blocks if b.has_attention for a in b.attentions]
+        tfs += [a for b in getattr(self, "up_blocks", ()) if b.has_attention for a in b.attentions]
         return [t.transformer_blocks[0] for t in tfs]
 
     def set_attention_backend(self, backend: str):
@@ -322,31 +326,67 @@ class UNet(nn.Module):
             if isinstance(m, Attention):
                 m.backend = check_backend(backend)
 
-    def forward(self, x, t, context, regions=None, stop_after_layer: int | None = None):
-        """x [B, 4, h, w], t scalar or [B], context [B, 77, C] or per layer [16, B, 77, C] (one per layer l).
-
-        ``regions`` carries the LoRA-Composer attention state (composer/regions.py); ``stop_after_layer``
-        ends the pass once that transformer layer has run (the loss pass needs nothing later, method.md §15).
-        """
+    def embed_time(self, t, x) -> torch.Tensor:
+        """t scalar or [B] -> the timestep embedding [B, 4·C0] in x's dtype."""
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
-        temb = self.time_embedding(timestep_embedding(t, self.cfg.block_out_channels[0]).to(x.dtype))
-        scope = regions.lora if regions is not None else None  # region-confined LoRAs (lora_scope="all")
+        return self.time_embedding(timestep_embedding(t, self.cfg.block_out_channels[0]).to(x.dtype))
 
+    def encode(self, x, temb, context, regions=None, stop_after_layer=None, *, hint=None, intrablock_residuals=None):
+        """The down path and the mid block -> (h [B, C_last, h/2^(n-1), w/2^(n-1)], skips), or None when the pass
+        stopped at ``stop_after_layer``. ``skips`` are the 3n outputs the up path reads (conv_in, every resnet/
+        transformer pair, every downsampler: 12 for SD1.5).
+
+        ``hint`` [B, C0, h, w] is added after conv_in (a ControlNet's encoded condition image).
+        ``intrablock_residuals`` (T2I-Adapter, one [B, C_i, ...] per level) are added to the output of each level's
+        last resnet/transformer pair, before that skip is saved and before the downsampler, as diffusers'
+        ``down_intrablock_additional_residuals`` (so the skip and the rest of the down path both carry them).
+        """
+        scope = regions.lora if regions is not None else None  # region-confined LoRAs (lora_scope="all")
+        if intrablock_residuals is not None and len(intrablock_residuals) != len(self.down_blocks):
+            raise ValueError(f"{len(intrablock_residuals)} intrablock residuals for {len(self.down_blocks)} levels")
         h = self.conv_in(x, scope=scope)
+        if hint is not None:
+            h = h + hint
         skips = [h]
-        for b in self.down_blocks:
+        for i, b in enumerate(self.down_blocks):
             for j, r in enumerate(b.resnets):
                 h = r(h, temb, scope)
                 if b.has_attention:
                     h = b.attentions[j](h, context, regions)
                     if stop_after_layer is not None and b.attentions[j].transformer_blocks[0].attn2.layer_index >= stop_after_layer:
                         return None
+                if intrablock_residuals is not None and j == len(b.resnets) - 1:
+                    h = h + intrablock_residuals[i]
                 skips.append(h)
             if hasattr(b, "downsamplers"):
                 h = b.downsamplers[0](h, scope)
                 skips.append(h)
-        h = self.mid_block(h, temb, context, regions)
+        return self.mid_block(h, temb, context, regions), skips
+
+    def forward(self, x, t, context, regions=None, stop_after_layer: int | None = None, *,
+                intrablock_residuals=None, down_residuals=None, mid_residual=None):
+        """x [B, 4, h, w], t scalar or [B], context [B, 77, C] or per layer [16, B, 77, C] (one per layer l).
+
+        ``regions`` carries the LoRA-Composer attention state (composer/regions.py); ``stop_after_layer``
+        ends the pass once that transformer layer has run (the loss pass needs nothing later, method.md §15).
+        Conditions (composer/conditions.py) come in explicitly: ``intrablock_residuals`` (T2I-Adapter features, one
+        per level, see :meth:`encode`); ``down_residuals`` (ControlNet, one per skip, added to the skips after the
+        down path) and ``mid_residual`` (added to the mid block's output), as diffusers'
+        ``down_block_additional_residuals`` / ``mid_block_additional_residual``.
+        """
+        temb = self.embed_time(t, x)
+        scope = regions.lora if regions is not None else None
+        enc = self.encode(x, temb, context, regions, stop_after_layer, intrablock_residuals=intrablock_residuals)
+        if enc is None:
+            return None
+        h, skips = enc
+        if down_residuals is not None:
+            if len(down_residuals) != len(skips):
+                raise ValueError(f"{len(down_residuals)} down residuals for {len(skips)} skip connections")
+            skips = [s + r for s, r in zip(skips, down_residuals)]
+        if mid_residual is not None:
+            h = h + mid_residual
         for b in self.up_blocks:
             for j, r in enumerate(b.resnets):
                 h = r(torch.cat([h, skips.pop()], dim=1), temb, scope)

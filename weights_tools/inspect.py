@@ -5,7 +5,10 @@
 - LoRAs: kohya / A1111 (LoCon, LoHa, LoKr), PEFT / diffusers (a file, or a folder with adapter_config.json),
   old diffusers attn-procs, Mix-of-Show ED-LoRA (.pth or converted .safetensors) — with ranks, scales, concept
   tokens and trigger words;
-- tokenizers: a tokenizer/ folder, a tokenizer.json, the CLIP BPE .txt.gz; a scheduler config.
+- tokenizers: a tokenizer/ folder, a tokenizer.json, the CLIP BPE .txt.gz; a scheduler config;
+- conditions: T2I-Adapters (a diffusers folder, diffusers-named safetensors, original ``t2iadapter_*.pth``) and
+  ControlNets (a diffusers ``ControlNetModel`` folder, original ``control_*.pth`` / ``.safetensors``), with their
+  input channels, feature widths and the base model they are for.
 Pickles are read only with ``torch.load(weights_only=True)``; nothing in them is executed.
 """
 from __future__ import annotations
@@ -54,10 +57,66 @@ def summarize(sd: dict, groups: dict) -> list[str]:
     return lines
 
 
+def condition_kind(sd: dict) -> str | None:
+    """'t2i-adapter' or 'controlnet' for a condition model's tensors (any layout), else None."""
+    if any(k.startswith(("controlnet_cond_embedding.", "control_model.", "input_hint_block.", "zero_convs."))
+           for k in sd):
+        return "controlnet"
+    if "adapter.conv_in.weight" in sd or "adapter.body.0.in_conv.weight" in sd or \
+            ("conv_in.weight" in sd and any(k.startswith("body.") for k in sd)) or \
+            any(k.startswith("body.0.body.") for k in sd):
+        return "t2i-adapter"
+    return None
+
+
+def _base_of_context(dim) -> str:
+    return {768: "SD1.x", 1024: "SD2.x (composer refuses it)", 2048: "SDXL (composer refuses it)"}.get(dim, f"{dim}-wide context")
+
+
+def describe_t2i_adapter(sd: dict, cfg: dict | None = None) -> list[str]:
+    from composer.t2i_adapter import T2IAdapterConfig, _from_original, _infer_config, is_original_layout
+    layout = "original TencentARC names" if is_original_layout(sd) else "diffusers names"
+    try:
+        c = T2IAdapterConfig.from_diffusers(cfg) if cfg else \
+            _infer_config(_from_original(sd, 4, "file") if is_original_layout(sd) else sd, "file")
+    except CheckpointError as e:
+        return [f" T2I-Adapter ({layout}): {str(e).split(': ', 1)[-1]}"]
+    what = {1: "1-channel (grayscale: sketch, canny, ...)", 3: "3-channel (RGB: pose, depth, ...)"}.get(
+        c.in_channels, f"{c.in_channels}-channel")
+    return [f" T2I-Adapter, {c.adapter_type} ({layout}): {what} input, unshuffled by {c.downscale_factor}, "
+            f"{c.num_res_blocks} residual blocks per level",
+            f" features: {len(c.feature_channels)} levels of {list(c.feature_channels)} channels, added to the UNet's "
+            "down blocks"]
+
+
+def describe_controlnet(sd: dict, cfg: dict | None = None) -> list[str]:
+    P = convert.CONTROLNET_PREFIX
+    if cfg is not None:
+        hint = cfg.get("conditioning_channels", 3)
+        return [f" ControlNet (diffusers names): {hint}-channel condition image, blocks {cfg.get('block_out_channels')}, "
+                f"context {cfg.get('cross_attention_dim')} ({_base_of_context(cfg.get('cross_attention_dim'))})"
+                + (", SDXL additions" if cfg.get("addition_embed_type") else "")
+                + (", global pooling (shuffle)" if cfg.get("global_pool_conditions") else "")]
+    own = {k[len(P):]: v for k, v in sd.items() if k.startswith(P)} or sd
+    base = sum(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) for k in sd)
+    k2 = next((v for k, v in own.items() if k.endswith("attn2.to_k.weight")), None)
+    hint = own.get("input_hint_block.0.weight")
+    zero = sum(k.startswith("zero_convs.") and k.endswith(".weight") for k in own)
+    lines = [f" ControlNet (original names{', prefix ' + P if own is not sd else ''}): "
+             f"{hint.shape[1] if hint is not None else '?'}-channel condition image, {zero} zero convolutions, "
+             f"context {k2.shape[1] if k2 is not None else '?'} ({_base_of_context(k2.shape[1]) if k2 is not None else '?'})"]
+    if base:
+        lines.append(f" also {base} base-model tensors (a v1.0 full file; composer reads only the ControlNet)")
+    return lines
+
+
 def classify_file(sd: dict) -> str:
     kind = detect_lora_format(sd)
     if kind:
         return f"LoRA ({kind})"
+    cond = condition_kind(sd)
+    if cond:
+        return {"t2i-adapter": "T2I-Adapter", "controlnet": "ControlNet"}[cond]
     if any(k.startswith("conditioner.embedders.") for k in sd):
         return "SDXL single file (not supported)"
     if any(k.startswith("cond_stage_model.model.") for k in sd):
@@ -138,6 +197,12 @@ def inspect_dir(path: str) -> list[str]:
             return inspect_file(os.path.join(path, name))
     if os.path.exists(os.path.join(path, "config.json")):
         sd, f = read_component(path)
+        cfg = read_json(os.path.join(path, "config.json"))
+        if cfg.get("_class_name") in ("T2IAdapter", "ControlNetModel"):
+            what = "T2I-Adapter" if cfg["_class_name"] == "T2IAdapter" else "ControlNet"
+            describe = describe_t2i_adapter if what == "T2I-Adapter" else describe_controlnet
+            return [f"{path}: {what} folder ({os.path.basename(f)})"] + describe(sd, cfg) + \
+                summarize(sd, {"weights": lambda k: True})
         return [f"{path}: model component folder ({os.path.basename(f)})"] + \
             describe_config(os.path.join(path, "config.json"), read_json(os.path.join(path, "config.json"))) + \
             summarize(sd, {"weights": lambda k: True})
@@ -166,6 +231,9 @@ def inspect_file(path: str) -> list[str]:
     out = [f"{path}: {kind}, {len(sd)} tensors, {_human(os.path.getsize(path))}"]
     if kind.startswith("LoRA"):
         out += describe_lora(path).split("\n")
+    elif kind in ("T2I-Adapter", "ControlNet"):
+        out += (describe_t2i_adapter if kind == "T2I-Adapter" else describe_controlnet)(sd)
+        out += summarize(sd, {"weights": lambda k: True})
     else:
         ema = sum(k.startswith("model_ema.") for k in sd)
         out += summarize(sd, {"unet": lambda k: k.startswith(convert.UNET_PREFIX),
