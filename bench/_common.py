@@ -30,6 +30,14 @@ def peak_rss_mb() -> float:
 def machine() -> dict:
     d = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
          "threads": torch.get_num_threads(), "cores": os.cpu_count()}
+    try:  # the CPU model and its widest vector unit (results depend on both)
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        d["cpu_model"] = next(l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name"))
+        flags = next(l for l in info.splitlines() if l.startswith("flags")).split()
+        d["simd"] = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
+    except (OSError, StopIteration):
+        pass
     if torch.cuda.is_available():
         d["gpu"] = torch.cuda.get_device_name()
     try:

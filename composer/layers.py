@@ -80,6 +80,17 @@ class Conv2d(nn.Conv2d, _AdapterMixin):
         return F.conv2d(self._conv_forward(x, a.down, None), a.up)  # k×k down, 1×1 up
 
 
+def residual(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """y + x, written into y when no autograd graph is being recorded. ``y`` must be a fresh result that nothing
+    else holds (a layer's output). Why: on CPU every large temporary is a fresh mmap whose pages fault in on first
+    touch; at SD1.5 sizes the residual adds alone allocate ~1 GB per UNet pass. Only when both have one layout
+    (or x broadcasts): ``x + y`` takes x's memory layout, and a conv output may be channels-last where x is not;
+    keeping y's would send the following ops down other kernels. So the result is bit-identical to ``x + y``."""
+    if not torch.is_grad_enabled() and (x.shape != y.shape or x.stride() == y.stride()):
+        return y.add_(x)
+    return x + y
+
+
 def lora_layers(model: nn.Module):
     """{module path: layer} for every adapter-capable layer."""
     return {n: m for n, m in model.named_modules() if isinstance(m, (Linear, Conv2d))}

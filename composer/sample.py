@@ -28,6 +28,7 @@ from .batch import dist_env, format_summary, merge_summaries, read_jobs, run_job
 from .cli import run
 from .compose import compose, compose_latents, warn_if_no_concept
 from .conditions import parse_condition_arg
+from .runtime import tune_cpu_allocator
 from .io import save_png
 from .loading import load
 from .pipeline import Pipeline, to_pil
@@ -97,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--attention", default="auto", choices=["auto", "triton", "flex", "sdpa", "math"],
                     help="masked-attention backend: auto = Triton on CUDA, region-segmented SDPA on CPU")
     ap.add_argument("--ema", action="store_true", help="use a single file's EMA UNet weights")
+    ap.add_argument("--no-tune-allocator", action="store_true",
+                    help="on CPU, keep glibc's malloc defaults (by default freed activations stay in the heap for "
+                         "reuse: ~15%% faster at SD1.5 sizes, same peak memory; see composer/runtime.py)")
     ap.add_argument("--out", default="out.png", help="the PNG to write (default out.png)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap
@@ -168,6 +172,8 @@ def flag_overrides(a) -> dict:
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="composer: %(message)s")
+    if str(a.device).startswith("cpu") and not a.no_tune_allocator:
+        tune_cpu_allocator()
     if a.jobs:
         return _run_jobs(a)
     data = load_spec_data(a.spec) if a.spec else {}

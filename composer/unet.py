@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from .layers import Conv2d, Linear
+from .layers import Conv2d, Linear, residual
 from .attention import attention, check_backend, merge_heads, split_heads
 
 
@@ -130,11 +130,11 @@ class ResnetBlock2D(nn.Module):
         h = self.conv1(F.silu(self.norm1(x)), scope=scope)
         if self.time_emb_proj is not None:
             t = F.silu(temb)
-            h = h + self.time_emb_proj(t)[:, :, None, None]
+            h = residual(h, self.time_emb_proj(t)[:, :, None, None])
             if scope is not None:  # the timestep delta of each concept, on its own pixels only
                 h = scope.add_spatial(self.time_emb_proj, t, h)
         h = self.conv2(F.silu(self.norm2(h)), scope=scope)
-        return (x if self.conv_shortcut is None else self.conv_shortcut(x, scope=scope)) + h
+        return residual(h, x if self.conv_shortcut is None else self.conv_shortcut(x, scope=scope))
 
 
 class Attention(nn.Module):
@@ -165,8 +165,9 @@ class GEGLU(nn.Module):
         self.proj = Linear(dim, inner * 2)
 
     def forward(self, x, scope=None):
-        h, gate = self.proj(x, scope=scope).chunk(2, dim=-1)
-        return h * F.gelu(gate)
+        h, gate = self.proj(x, scope=scope).chunk(2, dim=-1)  # [B, N, 2·inner] -> 2 × [B, N, inner]
+        g = F.gelu(gate)
+        return g.mul_(h) if not torch.is_grad_enabled() else h * g  # in place: see layers.residual
 
 
 class FeedForward(nn.Module):
@@ -190,13 +191,13 @@ class BasicTransformerBlock(nn.Module):
 
     def forward(self, x, context, regions=None, hw=None):
         if regions is None:
-            x = x + self.attn1(self.norm1(x))
-            x = x + self.attn2(self.norm2(x), context)
+            x = residual(self.attn1(self.norm1(x)), x)
+            x = residual(self.attn2(self.norm2(x), context), x)
         else:  # LoRA-Composer: isolation in attn1, region-aware injection in attn2 (method.md §4, §5)
-            x = x + regions.self_attention(self.attn1, self.norm1(x), hw)
-            x = x + regions.cross_attention(self.attn2, self.norm2(x), context, hw)
+            x = residual(regions.self_attention(self.attn1, self.norm1(x), hw), x)
+            x = residual(regions.cross_attention(self.attn2, self.norm2(x), context, hw), x)
         scope = regions.lora.at(hw) if regions is not None and regions.lora is not None else None
-        return x + self.ff(self.norm3(x), scope)
+        return residual(self.ff(self.norm3(x), scope), x)
 
 
 class Transformer2DModel(nn.Module):
@@ -218,7 +219,7 @@ class Transformer2DModel(nn.Module):
         ctx = context[block.attn2.layer_index] if isinstance(context, (list, tuple)) or context.ndim == 4 else context
         hs = block(hs, ctx, regions, (h, w))
         hs = rearrange(hs, "b (h w) c -> b c h w", h=h, w=w)
-        return self.proj_out(hs, scope=scope) + x
+        return residual(self.proj_out(hs, scope=scope), x)
 
 
 class Downsample2D(nn.Module):
