@@ -1,7 +1,7 @@
 """LoRA-Composer's concept-enhancement and region losses and latent re-initialisation (method.md §6, §7, §9).
 
 All functions work on the 1/32 analysis grid (h, w) and follow the official implementation's arithmetic
-(reproduced to ~1e-6 on ``shared/data/method_vectors``):
+(reproduced to ~1e-6 on ``tests/data/method_vectors``):
 - box -> cells: rows ceil(y0·h) … floor(y1·h)−1, columns ceil(x0·w) … floor(x1·w)−1 (§4);
 - Ã = 3×3 Gaussian smoothing (σ 0.5, Attend-and-Excite's exp(−((x−μ)/2σ)²), reflect padding);
 - L_ce = 8·max(0, 1 − mean(top_k(Ã⊙M⊙G))) with k = floor(0.2·|M|) and G the box-local Gaussian;

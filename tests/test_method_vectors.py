@@ -1,5 +1,5 @@
 """The losses and latent re-initialisation reproduce the official implementation's numbers
-(shared/data/method_vectors, computed with LoRA-Composer's own functions)."""
+(tests/data/method_vectors, computed with LoRA-Composer's own functions)."""
 import json
 
 import pytest
