@@ -12,6 +12,11 @@
   exit status is non-zero at the end.
 - The base model is loaded once; concept LoRAs stay loaded as region adapters and encoded prompts are cached,
   both within a memory budget (least recently used evicted first).
+- Items whose specs differ only in the seed (the seeds of one job, or of job lines that are otherwise the same) run
+  as one batch of at most ``batch_size`` images through the model (``compose_latents(..., seed=[...])``), each
+  image equal to its single run and written with its own record; the sidecar's ``seconds`` is the image's share
+  of its batch and ``batch`` the number of images in it. If a batch fails, its items are retried one at a time, so
+  one failing seed does not fail the others.
 - Under ``torchrun`` the (job, seed) items are sharded deterministically (item i -> rank i mod world), each rank
   on its own device (LOCAL_RANK); torch.distributed is used only for rank/world, a final barrier and a gathered
   summary (gloo on CPU, nccl on CUDA).
@@ -36,7 +41,9 @@ from .io import save_json, save_png
 from .spec import ComposeSpec
 from .compose import compose_latents, region_lora_name
 from .lora import read_lora
-from .pipeline import to_pil
+from .pipeline import chunks
+
+DEFAULT_BATCH_SIZE = 4  # images per batch through the model (--batch-size)
 
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -170,10 +177,17 @@ def _remove_stray_temporaries(folder: str, seed: int):
             os.remove(f)
 
 
+def spec_key(spec) -> str:
+    """The spec with its seed left out: items with the same key differ only in the seed (one batch)."""
+    return json.dumps(dataclasses.asdict(dataclasses.replace(spec, seed=0)), sort_keys=True, default=str)
+
+
 def run_jobs(pipe, jobs_path: str, out_dir: str, *, rank: int = 0, world: int = 1, quiet: bool = False,
-             cache_mb: float = 2048, log=print, extra_loras=(), jobs=None) -> dict:
+             cache_mb: float = 2048, log=print, extra_loras=(), jobs=None,
+             batch_size: int | None = DEFAULT_BATCH_SIZE) -> dict:
     """Run (this rank's share of) a jobs file; returns the summary dict. Everything is validated first
-    (:func:`read_jobs`, :func:`validate_jobs`)."""
+    (:func:`read_jobs`, :func:`validate_jobs`). This rank's pending items are grouped by :func:`spec_key` (in the
+    order each spec first appears) and run in batches of at most ``batch_size`` seeds (None: a whole group)."""
     jobs = jobs if jobs is not None else read_jobs(jobs_path)
     validate_jobs(pipe, jobs, extra_loras)
     os.makedirs(out_dir, exist_ok=True)
@@ -187,43 +201,81 @@ def run_jobs(pipe, jobs_path: str, out_dir: str, *, rank: int = 0, world: int = 
         bar = tqdm(total=len(mine), desc=f"batch[{rank}]" if world > 1 else "batch", unit="img", file=sys.stderr,
                    position=rank)
     model = pipe.model_record()
+
+    def paths(j, seed):
+        folder = os.path.join(out_dir, jobs[j].name)
+        return folder, os.path.join(folder, f"{seed}.png"), os.path.join(folder, f"{seed}.json")
+
+    def complete(j, seed):
+        _, png, side = paths(j, seed)
+        return os.path.exists(side) and os.path.exists(png)
+
+    groups: OrderedDict = OrderedDict()  # spec key -> [(job index, seed, spec)]
     for j, seed in mine:
         job = jobs[j]
-        folder = os.path.join(out_dir, job.name)
-        png, side = os.path.join(folder, f"{seed}.png"), os.path.join(folder, f"{seed}.json")
+        folder, _, _ = paths(j, seed)
         if os.path.isdir(folder):
             _remove_stray_temporaries(folder, seed)
-        if os.path.exists(side) and os.path.exists(png):
+        if complete(j, seed):
             summary[job.name]["skipped"] += 1
             bar and bar.update(1)
             continue
-        os.makedirs(folder, exist_ok=True)
         spec = dataclasses.replace(job.spec, seed=seed, loras=list(job.spec.loras) + list(extra_loras))
+        groups.setdefault(spec_key(spec), []).append((j, seed, spec))
+
+    def run_batch(items):
+        """One batch of items sharing a spec: sample, decode, write each image's PNG and sidecar."""
+        spec = items[0][2]
         if torch.cuda.is_available() and pipe.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pipe.device)
         t0 = time.perf_counter()
-        try:
-            cache.touch(spec)
-            lat, info = compose_latents(pipe, spec)
-            image = to_pil(pipe.decode(lat))[0]
-            dt = time.perf_counter() - t0
-            rec = {**spec.record(model=model), "job": job.name}
+        cache.touch(spec)
+        lat, infos = compose_latents(pipe, spec, seed=[s for _, s, _ in items])
+        images = pipe.decode_images(lat)
+        dt = (time.perf_counter() - t0) / len(items)  # each image's share of the batch
+        mem = {"process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        if pipe.device.type == "cuda":
+            mem["cuda_peak_mb"] = torch.cuda.max_memory_allocated(pipe.device) / 2**20
+        for (j, seed, one), image, info in zip(items, images, infos):
+            job = jobs[j]
+            folder, png, side = paths(j, seed)
+            os.makedirs(folder, exist_ok=True)
+            rec = {**one.record(model=model), "job": job.name}
             save_png(image, png, rec)
-            mem = {"process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-            if pipe.device.type == "cuda":
-                mem["cuda_peak_mb"] = torch.cuda.max_memory_allocated(pipe.device) / 2**20
             save_json({"job": job.name, "seed": seed, "spec": rec, "versions": versions(), "seconds": dt,
-                       "memory": mem, "info": info, "rank": rank, "device": str(pipe.device)}, side)
+                       "batch": len(items), "memory": mem, "info": info, "rank": rank, "device": str(pipe.device)},
+                      side)
             summary[job.name]["done"] += 1
             summary[job.name]["seconds"] += dt
-        except Exception as e:  # one failing item never stops the batch
-            summary[job.name]["failed"] += 1
-            rec = {"job": job.name, "seed": seed, "line": job.line, "rank": rank,
-                   "error": f"{type(e).__name__}: {e}"}
-            with open(os.path.join(out_dir, "failures.jsonl"), "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
-            log(f"composer: job {job.name!r} seed {seed} failed: {rec['error']}")
+            bar and bar.update(1)
+
+    def fail(j, seed, e):
+        job = jobs[j]
+        summary[job.name]["failed"] += 1
+        rec = {"job": job.name, "seed": seed, "line": job.line, "rank": rank, "error": f"{type(e).__name__}: {e}"}
+        with open(os.path.join(out_dir, "failures.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+        log(f"composer: job {job.name!r} seed {seed} failed: {rec['error']}")
         bar and bar.update(1)
+
+    for items in groups.values():
+        for batch in chunks(items, batch_size):
+            try:
+                run_batch(batch)
+            except Exception as e:  # one failing item never stops the batch
+                if len(batch) == 1:
+                    fail(batch[0][0], batch[0][1], e)
+                    continue
+                # retry one at a time, so a failure of one seed (or of writing one output) costs only that item
+                log(f"composer: a batch of {len(batch)} images of job {jobs[batch[0][0]].name!r} failed "
+                    f"({type(e).__name__}: {e}); retrying them one at a time")
+                for it in batch:
+                    if complete(it[0], it[1]):
+                        continue
+                    try:
+                        run_batch([it])
+                    except Exception as e1:
+                        fail(it[0], it[1], e1)
     if bar:
         bar.close()
     return summary

@@ -6,9 +6,14 @@ optimisation is active (i ≤ 25, no loss rise after i ≥ 5), one cond-only for
 after the last analysis layer, the losses of §7 and one step z ← z − lr_i·∂L/∂z with
 lr_i = 20·sqrt(linspace(1, 0.5, steps)[i]) (§8); then the CFG forward with region-aware injection (§4) and
 concept isolation (§5), and the sampler step. Concepts are live adapters on one shared base model.
+
+Several seeds of one spec (``seed=[...]`` or ``num_images=N``) run as one batch through every UNet pass: each image
+keeps its own latent, re-initialisation, losses, latent steps and early stop, and equals the single run with its
+seed (to the last bits batched matmuls round differently); ``batch_size`` caps the images per batch.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -22,9 +27,10 @@ from .concepts import PSEUDO_WORD, bind_concept, select_tokens
 from .conditions import build_conditions
 from .debug import DebugRecorder
 from .losses import box_cells, compute_losses, reinit_latents
-from .pipeline import NonFiniteError, to_pil
+from .pipeline import NonFiniteError, check_batch_size, chunks, expand_context
 from .regions import RegionAttention
-from .spec import ComposeSpec, Region, check_compose_size, parse_region_string, resolve_box  # noqa: F401 (API)
+from .spec import (ComposeSpec, Region, check_compose_size, parse_region_string, resolve_box,  # noqa: F401 (API)
+                   resolve_seeds)
 
 log = logging.getLogger(__name__)
 
@@ -178,13 +184,20 @@ class LatentOptimiser:
     - lr_i = lr·sqrt(linspace(1, 0.5, S)[i]);
     - the last optimised step is ``max_opt_step`` (default ⌊S/2⌋: 25 of 50, 4 of 8, 2 of 4);
     - it stops early, for good, after step i if L_i > L_{i−1} and i ≥ ⌈S/10⌉ (5 of 50, 1 below 11 steps).
-    ``observer("optimise", ...)`` sees every step. ``conditions`` (composer/conditions.py): the image conditions
-    active at the step join the loss pass, as in the CFG pass.
+    ``observer("optimise", ..., image=b)`` sees every step of every image. ``conditions``
+    (composer/conditions.py): the image conditions active at the step join the loss pass, as in the CFG pass.
+
+    ``images`` = B latents (a batch of seeds of one spec): every image has its own state (``active``, ``prev``,
+    ``losses``, ``optimised_steps``: lists indexed by image) and its own early stop. The loss pass runs the
+    images still active as one batch, and the step uses the gradient of the sum of their losses, which is each
+    image's own gradient (nothing in the UNet mixes batch entries: attention, GroupNorm and LayerNorm are per
+    sample); an image whose optimisation stopped is left out, so its latent is not changed again.
     """
 
-    def __init__(self, pipe, prep: Prepared, spec: ComposeSpec, steps: int, observer=None, conditions=None):
+    def __init__(self, pipe, prep: Prepared, spec: ComposeSpec, steps: int, observer=None, conditions=None,
+                 images: int = 1):
         self.pipe, self.prep, self.spec, self.observer = pipe, prep, spec, observer
-        self.conditions, self.steps = conditions, steps
+        self.conditions, self.steps, self.images = conditions, steps, images
         ra = prep.ra
         self.region_loss = ra.want_self_maps
         self.weights = OFFICIAL_WEIGHTS if spec.loss_weights == "official" else PAPER_WEIGHTS
@@ -192,23 +205,29 @@ class LatentOptimiser:
         self.last_step = last_optimised_step(spec, steps)
         self.rise_from = math.ceil(steps / 10)
         self.layers, self.last_layer = _analysis_layers(pipe.unet)
-        self.active = (spec.enhance and any(prep.token_pos)) or self.region_loss
-        self.prev, self.last = 1000.0, None
-        self.losses, self.optimised_steps = [], 0
+        on = bool((spec.enhance and any(prep.token_pos)) or self.region_loss)
+        self.active = [on] * images          # per image: still optimising
+        self.prev = [1000.0] * images        # per image: the loss of its previous optimised step
+        self.last = None                     # per image: this step's loss (None where not optimised); None: none
+        self.losses = [[] for _ in range(images)]
+        self.optimised_steps = [0] * images
 
-    def maps(self, z, t, grad: bool, i: int = 0):
-        """Cond-only forward at step i with region attention storing the analysis maps (and the conditions active at
-        step i); -> (per-region cross maps, self map)."""
-        ra = self.prep.ra
-        ra.for_batch(("cond",), store=True)
+    def maps(self, z, t, grad: bool, i: int = 0) -> list:
+        """Cond-only forward of z [k, 4, h, w] at step i with region attention storing the analysis maps (and the
+        conditions active at step i); -> per image of z, (per-region cross maps, self map)."""
+        ra, k = self.prep.ra, z.shape[0]
+        ra.for_batch(("cond",), store=True, images=k)
+        cond = expand_context(self.prep.cond, k)
         with torch.set_grad_enabled(grad):
             zin = z.to(self.pipe.dtype)
             sc = self.conditions.at(i, self.steps) if self.conditions is not None else None
-            kw = sc.residuals(zin, t, self.prep.cond, cfg=False) if sc is not None else {}
-            self.pipe.unet(zin, t, self.prep.cond, regions=ra, stop_after_layer=self.last_layer, **kw)
-        return ra.aggregated_maps()
+            kw = sc.residuals(zin, t, cond, cfg=False) if sc is not None else {}
+            self.pipe.unet(zin, t, cond, regions=ra, stop_after_layer=self.last_layer, **kw)
+            maps = ra.batch_maps()
+            return [ra.aggregated_maps(b, maps) for b in range(k)]
 
     def loss(self, cross, smap):
+        """One image's loss from its maps -> (L, terms)."""
         spec, w = self.spec, self.weights
         terms = compute_losses(cross, self.prep.token_pos, self.prep.loss_boxes,
                                smap.float() if self.region_loss else None, enhance=spec.enhance,
@@ -221,30 +240,47 @@ class LatentOptimiser:
         return loss, terms
 
     def step(self, i: int, t, x: torch.Tensor, sch) -> torch.Tensor:
+        """x [B, 4, h, w] (B = ``images``) -> x with each active image's latent step taken."""
         self.last = None
-        if not self.active:
+        act = [b for b in range(self.images) if self.active[b]]
+        if not act:
             return x
+        if x.shape[0] != self.images:
+            raise ValueError(f"the optimiser was built for {self.images} image(s), the latent has {x.shape[0]}")
         c = float(sch.scale_model_input(i, torch.ones(())))  # UNet input = c·x (1 for DPM-Solver and DDIM)
-        z = (c * x).detach().requires_grad_(True)
-        cross, smap = self.maps(z, t, True, i)
-        loss, terms = self.loss(cross, smap)
-        value = loss.detach().item()
-        if not math.isfinite(value):
-            raise NonFiniteError(f"composition loss became {value} at step {i}")
+        with torch.enable_grad():
+            z = (c * (x if len(act) == self.images else x[act])).detach().requires_grad_(True)  # [k, 4, h, w]
+            per = self.maps(z, t, True, i)
+            losses = [self.loss(cross, smap)[0] for cross, smap in per]
+        values = [l.detach().item() for l in losses]
+        for b, v in zip(act, values):
+            if not math.isfinite(v):
+                raise NonFiniteError(f"composition loss became {v} at step {i}"
+                                     + (f" (image {b} of the batch)" if self.images > 1 else ""))
+        moved = [j for j, (l, v) in enumerate(zip(losses, values)) if v > 0 and l.requires_grad]
         out = x
-        if value > 0 and loss.requires_grad:
-            grad, = torch.autograd.grad(loss, z)
-            out = ((z - float(self.lrs[i]) * grad) / c).detach()
-        if self.observer is not None:
-            self.observer("optimise", i=i, t=t, z_before=x, z_after=out, loss=value, lr=float(self.lrs[i]),
-                          cross=cross, prep=self.prep)
-        self.last = value
-        self.losses.append(value)
-        self.optimised_steps = i + 1
-        if (value > self.prev and i >= self.rise_from) or i >= self.last_step:
-            self.active = False
-        else:
-            self.prev = value
+        if moved:
+            grad, = torch.autograd.grad(sum(losses[j] for j in moved), z)  # row j: image act[j]'s own gradient
+            new = ((z - float(self.lrs[i]) * grad) / c).detach()
+            if len(moved) == self.images:
+                out = new
+            else:  # only the images that moved change; the others keep their latent exactly
+                out = x.clone()
+                for j in moved:
+                    out[act[j]] = new[j]
+        self.last = [None] * self.images
+        for j, b in enumerate(act):
+            v = values[j]
+            if self.observer is not None:
+                self.observer("optimise", i=i, t=t, z_before=x[b:b + 1], z_after=out[b:b + 1], loss=v,
+                              lr=float(self.lrs[i]), cross=per[j][0], prep=self.prep, image=b)
+            self.last[b] = v
+            self.losses[b].append(v)
+            self.optimised_steps[b] = i + 1
+            if (v > self.prev[b] and i >= self.rise_from) or i >= self.last_step:
+                self.active[b] = False
+            else:
+                self.prev[b] = v
         return out
 
 
@@ -254,48 +290,67 @@ def last_optimised_step(spec: ComposeSpec, steps: int) -> int:
 
 
 def reinitialise(pipe, prep: Prepared, sch, z: torch.Tensor, observer=None, conditions=None) -> torch.Tensor:
-    """Latent re-initialisation (method.md §9) of the unit noise z: one cond-only forward at t = timesteps[0]
-    (UNet input: the first step's, scale_model_input(0, z·init_noise_sigma)) with region attention and the image
-    conditions of step 0; per region, the noise patch under the window where its tokens' (unsmoothed) maps are
-    strongest is copied into its box; then the whole latent is restored to z's mean and std (the loop multiplies
-    by init_noise_sigma)."""
-    ra, x = prep.ra, z
+    """Latent re-initialisation (method.md §9) of the unit noise z [B, 4, h, w], each image on its own: one
+    cond-only forward (the B images as one batch) at t = timesteps[0] (UNet input: the first step's,
+    scale_model_input(0, z·init_noise_sigma)) with region attention and the image conditions of step 0; per image
+    and region, the noise patch under the window where its tokens' (unsmoothed) maps are strongest is copied into
+    its box; then the image's latent is restored to its own mean and std (the loop multiplies by
+    init_noise_sigma). ``observer("reinit", ..., image=b)`` sees each image."""
+    ra, k = prep.ra, z.shape[0]
     _, last = _analysis_layers(pipe.unet)
-    ra.for_batch(("cond",), store=True)
+    ra.for_batch(("cond",), store=True, images=k)
+    cond = expand_context(prep.cond, k)
     with torch.no_grad():
         t0, zin = sch.timesteps[0], sch.scale_model_input(0, z * sch.init_noise_sigma).to(pipe.dtype)
         sc = conditions.at(0, len(sch.timesteps)) if conditions is not None else None
-        kw = sc.residuals(zin, t0, prep.cond, cfg=False) if sc is not None else {}
-        pipe.unet(zin, t0, prep.cond, regions=ra, stop_after_layer=last, **kw)
-        cross, _ = ra.aggregated_maps()
-    sel = [(i, [cross[i][:, :, p].float() for p in prep.token_pos[i]]) for i in range(ra.n) if prep.token_pos[i]]
-    out = reinit_latents(x, [m for _, m in sel], [prep.loss_boxes[i] for i, _ in sel], ra.analysis_hw)
-    if observer is not None:
-        observer("reinit", z_before=x, z_after=out, maps=[m for _, m in sel], regions=[i for i, _ in sel], prep=prep)
-    return out
+        kw = sc.residuals(zin, t0, cond, cfg=False) if sc is not None else {}
+        pipe.unet(zin, t0, cond, regions=ra, stop_after_layer=last, **kw)
+        maps = ra.batch_maps()
+    outs = []
+    for b in range(k):
+        cross, _ = ra.aggregated_maps(b, maps)
+        x = z[b:b + 1]
+        sel = [(i, [cross[i][:, :, p].float() for p in prep.token_pos[i]]) for i in range(ra.n) if prep.token_pos[i]]
+        out = reinit_latents(x, [m for _, m in sel], [prep.loss_boxes[i] for i, _ in sel], ra.analysis_hw)
+        if observer is not None:
+            observer("reinit", z_before=x, z_after=out, maps=[m for _, m in sel], regions=[i for i, _ in sel],
+                     prep=prep, image=b)
+        outs.append(out)
+    return torch.cat(outs) if k > 1 else outs[0]
 
 
-def compose_latents(pipe, spec: ComposeSpec, *, callback=None, observer=None, backend=None, strict: bool = True):
-    """-> (latents [1, 4, H/8, W/8], info dict with the loss per optimised step).
+def compose_latents(pipe, spec: ComposeSpec, *, seed=None, num_images: int | None = None,
+                    batch_size: int | None = None, callback=None, observer=None, backend=None, strict: bool = True):
+    """-> (latents [1, 4, H/8, W/8], info) for the spec's seed, or, with ``seed`` a list or ``num_images`` given,
+    (latents [B, 4, H/8, W/8], [info per image]) in seed order.
+
+    ``seed`` (an int or a list of ints) replaces the spec's; ``num_images=N`` runs seeds s, s+1, …, s+N-1 from
+    the seed s (the spec's unless given). The images run as one batch (at most ``batch_size`` per batch; None:
+    all), each equal to the single run with its seed. An info is {"seed", "loss": the loss per optimised step,
+    "optimised_steps", "reinit", "regions": each region's concept and tokens}.
 
     A spec without regions is plain text-to-image (its ``loras`` merged for the call). ``observer(event, **data)``
     (optional) sees the re-initialisation ("reinit": z_before, z_after, maps) and every optimisation step
-    ("optimise": i, t, z_before, z_after, loss, lr, cross maps); composer/debug.py builds its heatmaps from it,
-    and tests read the latent steps through it. ``strict=False`` loads LoRAs whose keys partly match no layer.
+    ("optimise": i, t, z_before, z_after, loss, lr, cross maps) of every image (``image``: its index in the
+    seeds, ``seed``; tensors are that image's, [1, ...]); composer/debug.py builds its heatmaps from it, and
+    tests read the latent steps through it. ``strict=False`` loads LoRAs whose keys partly match no layer.
     """
     if isinstance(spec, dict):
         spec = ComposeSpec.from_dict(spec)
+    seeds, several = resolve_seeds(spec.seed if seed is None else seed, num_images)
+    check_batch_size(batch_size)
     merged = []  # LoRAs merged into the model for this call only, unmerged (bit-exactly) afterwards
     try:
         if spec.background_lora:
             merged.append(_merge_for_call(pipe, "background", spec.background_lora, spec.background_scale, strict))
         if not spec.regions:
             merged += [_merge_for_call(pipe, "global", e["path"], e["scale"], strict) for e in spec.loras]
-        return _compose(pipe, spec, callback, observer, backend, strict)
+        lat, infos = _compose(pipe, spec, seeds, batch_size, callback, observer, backend, strict)
     finally:
         for name in reversed(merged):
             if name in pipe.loras.loras:
                 pipe.unload_lora(name)
+    return (lat, infos) if several else (lat, infos[0])
 
 
 def _merge_for_call(pipe, kind, path, scale, strict):
@@ -307,42 +362,62 @@ def _merge_for_call(pipe, kind, path, scale, strict):
     return name
 
 
-def _compose(pipe, spec, callback, observer, backend, strict):
+def _compose(pipe, spec, seeds, batch_size, callback, observer, backend, strict):
+    """Prepare once (prompts, regions, conditions), then run the seeds in groups of ``batch_size``, each group one
+    batch with a fresh sampler -> (latents [len(seeds), 4, h, w], [info per seed])."""
     prep = prepare(pipe, spec, backend, strict)
-    sch = pipe.make_sampler(spec.sampler, spec.steps, eta=spec.eta, schedule=spec.schedule)
-    x, g = pipe.initial_latent(spec.seed, spec.height, spec.width)
     cfg = spec.guidance > 1.0
-    ctx = _cat_ctx(prep.uncond, prep.cond) if cfg else prep.cond
-    info = {"loss": [], "optimised_steps": 0, "reinit": False,
-            "regions": [{"lora": prep.ra.adapters[i] and os.path.basename(pipe.loras.loras[prep.ra.adapters[i]].path),
-                         **t.record()} for i, t in enumerate(prep.tokens)] if prep.ra is not None else []}
+    ctx = _cat_ctx(prep.uncond, prep.cond) if cfg else prep.cond  # one image's [uncond; cond]
+    regions = [{"lora": prep.ra.adapters[i] and os.path.basename(pipe.loras.loras[prep.ra.adapters[i]].path),
+                **t.record()} for i, t in enumerate(prep.tokens)] if prep.ra is not None else []
     conds = build_conditions(pipe, spec.conditions, spec.height, spec.width, n_regions=len(spec.regions),
                              region_mask=prep.ra.region_mask if prep.ra is not None else None)
-    opt = None
-    if prep.ra is not None:
-        if spec.reinit and any(prep.token_pos):
-            x = reinitialise(pipe, prep, sch, x, observer, conds)
-            info["reinit"] = True
-        opt = LatentOptimiser(pipe, prep, spec, len(sch.timesteps), observer, conds)
-    x = pipe.denoise(x, sch, ctx, spec.guidance, generator=g, regions=prep.ra, optimiser=opt, conditions=conds,
-                     callback=callback)
-    if opt is not None:
-        info["loss"], info["optimised_steps"] = opt.losses, opt.optimised_steps
-    return x, info
+    lats, infos, done = [], [], 0
+    for group in chunks(seeds, batch_size):
+        B = len(group)
+        obs = None
+        if observer is not None:  # the group's image index -> the call's, plus the seed
+            obs = (lambda ev, _off=done, _g=group, **d:
+                   observer(ev, **{**d, "image": _off + d["image"], "seed": _g[d["image"]]}))
+        sch = pipe.make_sampler(spec.sampler, spec.steps, eta=spec.eta, schedule=spec.schedule)
+        x, gens = pipe.initial_latents(group, spec.height, spec.width)
+        opt, reinit = None, False
+        if prep.ra is not None:
+            if spec.reinit and any(prep.token_pos):
+                x = reinitialise(pipe, prep, sch, x, obs, conds)
+                reinit = True
+            opt = LatentOptimiser(pipe, prep, spec, len(sch.timesteps), obs, conds, images=B)
+        x = pipe.denoise(x, sch, expand_context(ctx, B), spec.guidance, generator=gens if B > 1 else gens[0],
+                         regions=prep.ra, optimiser=opt, conditions=conds, callback=callback)
+        lats.append(x)
+        for b, s in enumerate(group):
+            infos.append({"seed": s, "loss": opt.losses[b] if opt is not None else [],
+                          "optimised_steps": opt.optimised_steps[b] if opt is not None else 0, "reinit": reinit,
+                          "regions": copy.deepcopy(regions)})
+        done += B
+    return (torch.cat(lats) if len(lats) > 1 else lats[0]), infos
 
 
-def compose(pipe, spec, *, callback=None, debug_dir: str | None = None, backend=None, strict: bool = True,
-            return_info: bool = False):
-    """Compose the spec's concepts into one image (PIL; with ``return_info``, (image, info)). ``debug_dir`` writes
-    the box layout, labelled cross-attention heatmaps of every concept token at the analysis resolution, and the
-    loss curve."""
+def compose(pipe, spec, *, seed=None, num_images: int | None = None, batch_size: int | None = None, callback=None,
+            debug_dir: str | None = None, backend=None, strict: bool = True, return_info: bool = False):
+    """Compose the spec's concepts into one image (PIL; with ``return_info``, (image, info)), or, with ``seed`` a
+    list or ``num_images`` (as in :func:`compose_latents`), into one image per seed (a list; with ``return_info``,
+    (images, infos)). ``debug_dir`` writes the box layout, labelled cross-attention heatmaps of every concept token
+    at the analysis resolution, and the loss curve (for several seeds: in ``debug_dir/<seed>/``)."""
     if isinstance(spec, dict):
         spec = ComposeSpec.from_dict(spec)
-    rec = None
+    seeds, several = resolve_seeds(spec.seed if seed is None else seed, num_images)
+    recs, obs = None, None
     if debug_dir:
-        rec = DebugRecorder(steps=(0, spec.steps // 5, last_optimised_step(spec, spec.steps)))
-    lat, info = compose_latents(pipe, spec, callback=callback, observer=rec, backend=backend, strict=strict)
-    img = to_pil(pipe.decode(lat))[0]
+        recs = [DebugRecorder(steps=(0, spec.steps // 5, last_optimised_step(spec, spec.steps))) for _ in seeds]
+        obs = lambda ev, **d: recs[d["image"]](ev, **d)  # noqa: E731
+    lat, info = compose_latents(pipe, spec, seed=seeds if several else seeds[0], batch_size=batch_size,
+                                callback=callback, observer=obs, backend=backend, strict=strict)
+    infos = info if several else [info]
+    images = pipe.decode_images(lat, batch_size)
     if debug_dir:
-        rec.write(debug_dir, img, spec, info, pipe)
-    return (img, info) if return_info else img
+        for s, rec, img, inf in zip(seeds, recs, images, infos):
+            rec.write(os.path.join(debug_dir, str(s)) if several else debug_dir, img, spec, inf, pipe)
+    if several:
+        return (images, infos) if return_info else images
+    return (images[0], infos[0]) if return_info else images[0]

@@ -5,6 +5,11 @@
 batch [uncond, cond] with ``eps = u + g·(c − u)`` (Ho & Salimans 2022), latents stay fp32 between steps,
 and every step's latent is checked for NaN/Inf (formats.md §7).
 
+Several seeds run as one batch (``seed=[...]`` or ``num_images=N``): image b has its own initial latent from its own
+CPU generator (what a single run with that seed draws) and stochastic samplers draw its noise from that generator
+alone, so image b of a batch is the single run with seed b (up to the last bits batched matmuls may round
+differently). The CFG batch is then [uncond × B; cond × B]; ``batch_size`` caps the images per UNet batch.
+
 :meth:`Pipeline.denoise` is the only sampler loop: plain generation calls it bare; composition
 (composer/compose.py) passes the region attention and the latent optimiser as explicit, optional parts of
 each step, so a change to sampling is made once.
@@ -25,13 +30,32 @@ from .io import file_sha256
 from .layers import lora_layers
 from .lora import LoRASet, read_lora, resolve, target_table
 from .schedulers import SchedulerConfig, make_sampler
-from .spec import check_size
+from .spec import check_size, resolve_seeds
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteError(RuntimeError):
     pass
+
+
+def expand_context(context: torch.Tensor, n: int) -> torch.Tensor:
+    """A CFG context for one image, [N, 77, C] or per layer [L, N, 77, C] (N = 2: [uncond; cond], or 1: cond),
+    -> the same for n images, each row repeated n times in place: [uncond × n; cond × n] ([N·n, 77, C]), the
+    layout :meth:`Pipeline.eps` splits into halves."""
+    return context if n == 1 else context.repeat_interleave(n, dim=context.ndim - 3)
+
+
+def check_batch_size(batch_size):
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
+        raise ValueError(f"'batch_size' must be an integer >= 1 (or None: all images in one batch), got {batch_size!r}")
+
+
+def chunks(seeds: list, batch_size: int | None) -> list:
+    """Seeds in groups of at most ``batch_size`` (None: one group), in order."""
+    check_batch_size(batch_size)
+    n = batch_size or len(seeds)
+    return [seeds[i:i + n] for i in range(0, len(seeds), n)]
 
 
 def to_pil(images: torch.Tensor) -> list:
@@ -181,6 +205,12 @@ class Pipeline:
         g = torch.Generator("cpu").manual_seed(int(seed))
         return torch.randn((1, 4, height // 8, width // 8), generator=g, dtype=torch.float32).to(self.device), g
 
+    def initial_latents(self, seeds, height: int, width: int) -> tuple:
+        """(noise [B, 4, H/8, W/8], [B generators]): image b is exactly ``initial_latent(seeds[b], ...)``, one CPU
+        generator per seed (its later draws continue it, see :meth:`denoise`)."""
+        pairs = [self.initial_latent(s, height, width) for s in seeds]
+        return torch.cat([p[0] for p in pairs]), [p[1] for p in pairs]
+
     def eps(self, x, t, context, guidance, conditions=None, **unet_kw):
         """One CFG evaluation: context is [uncond; cond] (2B) when guidance > 1, else cond only.
         context is [N, 77, C] or per layer [L, N, 77, C]. ``conditions``: this step's image conditions
@@ -210,6 +240,11 @@ class Pipeline:
                 raise NonFiniteError("VAE decode produced NaN/Inf (a bug or broken weights)")
         return img.float()
 
+    def decode_images(self, latents: torch.Tensor, batch_size: int | None = None) -> list:
+        """Latents [B, 4, h, w] -> B PIL images, decoded in groups of at most ``batch_size`` (the VAE's memory)."""
+        return [im for g in chunks(list(range(latents.shape[0])), batch_size)
+                for im in to_pil(self.decode(latents[g[0]:g[-1] + 1]))]
+
     # --- the denoising loop --------------------------------------------------------------------------------
 
     def make_sampler(self, name: str, steps: int, *, eta: float | None = None, schedule: str = "current"):
@@ -221,11 +256,14 @@ class Pipeline:
                 conditions=None, callback=None):
         """The one sampler loop. ``noise`` [B, 4, h, w] ~ N(0, I) (fp32) is the seeded initial latent (possibly
         re-initialised); the loop starts from noise·init_noise_sigma. ``context`` is [uncond; cond] when
-        guidance > 1, else cond only (either may be per layer, [L, N, 77, C]).
+        guidance > 1, else cond only (either may be per layer, [L, N, 77, C]); for B images it is
+        [uncond × B; cond × B] (:func:`expand_context`). ``generator``: one generator, or a list of B, one per image
+        (stochastic samplers then draw each image's noise from its own).
 
         Optional parts of each step, in order:
         - ``optimiser``: ``optimiser.step(i, t, x, sch) -> x`` updates the latent before the CFG pass
-          (LoRA-Composer's test-time optimisation, method.md §7-8) and reports its loss in ``optimiser.last``;
+          (LoRA-Composer's test-time optimisation, method.md §7-8) and reports each image's loss in
+          ``optimiser.last`` (a list, None for an image it did not optimise at this step; None when none);
         - ``regions``: the region attention state (composer/regions.py) used by the CFG pass (§4, §5);
         - ``conditions``: T2I-Adapters / ControlNets (composer/conditions.py ``Conditions``), those active at step i
           applied in the CFG pass (the optimiser applies them in its loss pass).
@@ -239,12 +277,12 @@ class Pipeline:
             if optimiser is not None:
                 x = optimiser.step(i, t, x, sch)
                 if optimiser.last is not None:
-                    post["loss"] = f"{optimiser.last:.3f}"
+                    post["loss"] = " ".join(f"{v:.3f}" for v in optimiser.last if v is not None)
             with torch.no_grad():
                 kw = {}
                 if regions is not None:
                     kw["regions"] = regions.for_batch(("uncond", "cond") if context.shape[-3] == 2 * x.shape[0]
-                                                      else ("cond",), store=False)
+                                                      else ("cond",), store=False, images=x.shape[0])
                 if conditions is not None:
                     kw["conditions"] = conditions.at(i, n)
                 e = self.eps(sch.scale_model_input(i, x), t, context, guidance, **kw)
@@ -257,25 +295,42 @@ class Pipeline:
 
     @torch.no_grad()
     def sample_latents(self, prompt: str, *, negative_prompt: str = "", height: int = 512, width: int = 512,
-                       steps: int = 50, guidance: float = 7.5, seed: int = 0, sampler: str = "ddim",
-                       eta: float | None = None, conditions=None, callback=None) -> torch.Tensor:
-        """``conditions``: a list of T2I-Adapter / ControlNet entries ({"kind", "model", "image", "weight", "start",
-        "end", "guess_mode", ...}, composer/conditions.py), or a built ``Conditions``."""
+                       steps: int = 50, guidance: float = 7.5, seed=0, num_images: int | None = None,
+                       batch_size: int | None = None, sampler: str = "ddim", eta: float | None = None,
+                       conditions=None, callback=None) -> torch.Tensor:
+        """-> latents [B, 4, H/8, W/8], one per seed, in order.
+
+        ``seed``: an int, or a list of ints (one image each); ``num_images=N`` with an int seed s runs seeds
+        s, s+1, …, s+N-1. Image b equals the single run with its seed. ``batch_size`` caps the images per UNet
+        batch (None: all at once); the seeds are run in consecutive groups of that size, each with a fresh
+        sampler. ``conditions``: a list of T2I-Adapter / ControlNet entries ({"kind", "model", "image", "weight",
+        "start", "end", "guess_mode", ...}, composer/conditions.py), or a built ``Conditions``; they apply to every
+        image. ``callback(i, n)`` is called after every step of every group."""
         check_size(height, width)
         if not isinstance(prompt, str):
             raise TypeError("prompt must be a string")
+        seeds, _ = resolve_seeds(seed, num_images)
+        groups = chunks(seeds, batch_size)
         if conditions is not None and not hasattr(conditions, "at"):
             from .conditions import build_conditions
             conditions = build_conditions(self, conditions, height, width, where="generate")
-        sch = self.make_sampler(sampler, steps, eta=eta)
-        noise, g = self.initial_latent(seed, height, width)
         ctx = self.encode_prompt([negative_prompt, prompt] if guidance > 1.0 else [prompt])
-        return self.denoise(noise, sch, ctx, guidance, generator=g, conditions=conditions, callback=callback)
+        out = []
+        for group in groups:
+            sch = self.make_sampler(sampler, steps, eta=eta)  # multistep samplers keep state: one per group
+            noise, gens = self.initial_latents(group, height, width)
+            out.append(self.denoise(noise, sch, expand_context(ctx, len(group)), guidance,
+                                    generator=gens if len(group) > 1 else gens[0], conditions=conditions,
+                                    callback=callback))
+        return torch.cat(out) if len(out) > 1 else out[0]
 
-    def generate(self, prompt: str, **kw) -> Image.Image:
+    def generate(self, prompt: str, **kw):
         """Text to image (optionally with image ``conditions``); keywords as in :meth:`sample_latents`. Returns a PIL
-        image."""
-        return to_pil(self.decode(self.sample_latents(prompt, **kw)))[0]
+        image for an int ``seed`` without ``num_images``, else a list of PIL images, one per seed (even for one)."""
+        _, several = resolve_seeds(kw.get("seed", 0), kw.get("num_images"))
+        lat = self.sample_latents(prompt, **kw)
+        images = self.decode_images(lat, kw.get("batch_size"))
+        return images if several else images[0]
 
     def to(self, device=None, dtype=None):
         if device is not None:

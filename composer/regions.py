@@ -13,6 +13,12 @@
   (attn1 q/k/v/out, attn2 q, feed-forward, proj_in/out, LoCon convolutions in resnets and resamplers) applies
   only on its region's tokens/pixels at each level, in the same single UNet pass.
 The base weights are shared: concepts differ only by their adapters (no per-concept UNet copies).
+
+Several images of one spec (a batch of seeds) share this state: the boxes, masks and region prompts are the
+spec's, so only the batch layout changes. ``for_batch(halves, images=B)`` sets it to [half_0 × B; half_1 × B]
+(the CFG pass: [uncond × B; cond × B]; the loss pass: cond × B), and the stored maps keep one entry per image
+(:meth:`RegionAttention.aggregated_maps` reads image b's). Nothing mixes images: attention, GroupNorm and
+LayerNorm are all per sample.
 """
 from __future__ import annotations
 
@@ -115,6 +121,7 @@ class RegionAttention:
         self.analysis_hw = (self.H // 32, self.W // 32)
         self.isolate, self.backend, self.plain_backend = isolate, backend, plain_backend
         self.halves = ("uncond", "cond")
+        self.images = 1  # images per half of the batch (for_batch)
         self.store = False
         self.want_self_maps = isolate  # L_region reads S; set by the caller when the region loss is on
         self.cross_maps, self.self_maps = {}, {}
@@ -168,8 +175,10 @@ class RegionAttention:
                 self._lora[key] = (down, up)
         return self._lora[key]
 
-    def for_batch(self, halves, store=False):
-        self.halves, self.store = tuple(halves), store
+    def for_batch(self, halves, store=False, images: int = 1):
+        """The layout of the next UNet pass: ``halves`` in order ("uncond", "cond"), each ``images`` entries long
+        (one per image of a batch of seeds); ``store`` records the analysis maps (the loss pass)."""
+        self.halves, self.store, self.images = tuple(halves), store, int(images)
         self.cross_maps, self.self_maps = {}, {}
         return self
 
@@ -177,8 +186,9 @@ class RegionAttention:
         parts = []
         for half in self.halves:
             c = self.pos_ctx[r] if half == "cond" else self.neg_ctx[r]
-            parts.append(c[layer] if c.ndim == 4 else c)
-        return torch.cat(parts)  # [B, 77, C]
+            c = c[layer] if c.ndim == 4 else c  # [1, 77, C]
+            parts.append(c.expand(self.images, -1, -1) if self.images > 1 else c)
+        return torch.cat(parts)  # [len(halves) · images, 77, C]
 
     # --- the two attention calls --------------------------------------------------------------------------
 
@@ -244,12 +254,19 @@ class RegionAttention:
 
     # --- what the losses read --------------------------------------------------------------------------------
 
-    def aggregated_maps(self):
-        """Layer-averaged maps of the last stored pass: (per region [h, w, L], [N, N] or None). Batch entry 0."""
-        h, w = self.analysis_hw
+    def batch_maps(self):
+        """Layer-averaged maps of the last stored pass for its whole batch: (cross [B, R, N, L], self [B, N, N] or
+        None)."""
         if not self.cross_maps:
             raise RuntimeError("no analysis-layer maps were stored (image too small for a 1/32 grid?)")
-        cm = torch.stack(list(self.cross_maps.values())).mean(0)[0]  # [R, N, L]
-        cross = [cm[r].reshape(h, w, -1) for r in range(self.n)]
-        sm = torch.stack(list(self.self_maps.values())).mean(0)[0] if self.self_maps else None
-        return cross, sm
+        cm = torch.stack(list(self.cross_maps.values())).mean(0)
+        sm = torch.stack(list(self.self_maps.values())).mean(0) if self.self_maps else None
+        return cm, sm
+
+    def aggregated_maps(self, image: int = 0, maps=None):
+        """Layer-averaged maps of image ``image`` (batch entry) of the last stored pass: (per region [h, w, L],
+        [N, N] or None). ``maps``: a :meth:`batch_maps` result to slice (computed once for a batch)."""
+        h, w = self.analysis_hw
+        cm, sm = maps if maps is not None else self.batch_maps()
+        cross = [cm[image, r].reshape(h, w, -1) for r in range(self.n)]
+        return cross, (sm[image] if sm is not None else None)

@@ -8,7 +8,9 @@ Every sampler offers the same interface, which the denoising loop relies on:
   x / sqrt(σ_i² + 1) for the Euler family, which keeps its latent in the σ-scaled "VE" form);
 - ``step(i, eps, x, generator=None) -> x``: one update from the guided ε; call it for i = 0, 1, … in order
   (multistep solvers keep state). Stochastic samplers draw ``torch.randn(x.shape, generator=generator)``
-  exactly when and as diffusers draws it, so a seed gives the same image;
+  exactly when and as diffusers draws it, so a seed gives the same image; ``generator`` may be a list with one
+  generator per image of x (a batch of seeds: each image draws its [1, ...] noise from its own, as diffusers
+  does with a list of generators);
 - ``sigmas[i]`` (float64, length steps + 1): the noise level σ = sqrt((1 − ᾱ)/ᾱ) of the latent entering step
   i, ``sigmas[-1]`` that of the result; ``alpha_bars`` = 1/(1 + σ²) is the same level as ᾱ, and
   ``noise_timesteps()`` as a continuous training timestep τ ∈ [0, T−1].
@@ -133,7 +135,14 @@ def sigma_to_t(sigmas: np.ndarray, log_train_sigmas: np.ndarray) -> np.ndarray:
 
 
 def _noise(like: torch.Tensor, generator) -> torch.Tensor:
-    """z ~ N(0, I) shaped like ``like``, drawn on the generator's device (as diffusers' randn_tensor does)."""
+    """z ~ N(0, I) shaped like ``like`` [B, ...], drawn on the generator's device (as diffusers' randn_tensor does).
+
+    ``generator`` is one generator (or None) for the whole batch, or a list of B, one per image: image b's noise
+    [1, ...] is then drawn from generator b alone, so a batch of seeds draws what each seed draws on its own."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != like.shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {like.shape[0]} latents")
+        return torch.cat([_noise(like[b:b + 1], g) for b, g in enumerate(generator)])
     dev = generator.device if generator is not None else like.device
     return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=dev).to(like.device)
 

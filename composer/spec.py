@@ -374,6 +374,34 @@ def check_compose_size(height: int, width: int):
     _check_multiple(height, width, 32, " for composition (its losses read a 1/32 grid)")
 
 
+def resolve_seeds(seed, num_images=None, where: str = "") -> tuple[list, bool]:
+    """The seeds of one call -> (seeds, several): ``seed`` an int or a list of ints, ``num_images`` None or N >= 1.
+
+    - an int with num_images N: seeds ``seed, seed+1, …, seed+N-1``;
+    - a list: those seeds (num_images, if given, must equal its length);
+    - an int alone: that one seed.
+    ``several`` is whether the caller asked for a batch (a list, or num_images given), so the result is a list
+    even for one image: the return type follows the call, not the count."""
+    pre = f"{where}: " if where else ""
+    if num_images is not None and (not isinstance(num_images, int) or isinstance(num_images, bool) or num_images < 1):
+        raise ValueError(f"{pre}'num_images' must be an integer >= 1, got {num_images!r}")
+    if isinstance(seed, (list, tuple)):
+        bad = [s for s in seed if not isinstance(s, int) or isinstance(s, bool)]
+        if not seed or bad:
+            raise ValueError(f"{pre}'seed' must be an integer or a non-empty list of integers, got {list(seed)!r}")
+        if len(set(seed)) != len(seed):
+            raise ValueError(f"{pre}'seed': duplicate seeds in {list(seed)} (each image needs its own seed)")
+        if num_images is not None and num_images != len(seed):
+            raise ValueError(f"{pre}'seed' lists {len(seed)} seeds but 'num_images' is {num_images}: give the list "
+                             "alone, or one seed with num_images")
+        return [int(s) for s in seed], True
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"{pre}'seed' must be an integer or a list of integers, got {seed!r}")
+    if num_images is None:
+        return [seed], False
+    return list(range(seed, seed + num_images)), True
+
+
 def with_overrides(spec: ComposeSpec, **over) -> ComposeSpec:
     """``spec`` with the given fields replaced (None values are ignored), re-validated."""
     spec = replace(spec, **{k: v for k, v in over.items() if v is not None})

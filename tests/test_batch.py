@@ -124,7 +124,11 @@ def test_run_resume_and_outputs(ref_pipe_dir, concept, tmp_path):
     assert "regions" not in plain and "enhance" not in plain  # text-to-image jobs carry no composition fields
     img = Image.open(out / "plain" / "1.png")
     direct = pipe.generate("a photo", height=64, width=64, steps=2, seed=1, sampler="dpm++2m")
-    assert (torch.tensor(list(img.getdata())) == torch.tensor(list(direct.getdata()))).all()
+    # seeds 0 and 1 ran as one batch: equal to the single run up to batched matmuls' last bits, so a pixel may round
+    # the other way (batch_size=1 is bit-exact: tests/test_batch_seeds.py)
+    diff = (torch.tensor(list(img.getdata())) - torch.tensor(list(direct.getdata()))).abs()
+    assert diff.max() <= 1 and (diff == 0).float().mean() > 0.99
+    assert json.load(open(out / "plain" / "1.json"))["batch"] == 2
     # simulate a kill: one sidecar lost, a stray temporary file left behind
     kept = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (out / "plain" / "1.png", out / "plain" / "1.json",
                                                                 out / "comp" / "5.png", out / "comp" / "5.json")}

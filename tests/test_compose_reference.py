@@ -266,7 +266,7 @@ def test_latent_step_is_z_minus_lr_times_the_gradient(ref_pipe_dir, concepts):
     opt = LatentOptimiser(pipe, prep, spec, steps)
     for d in seen[:2]:
         z = d["z_before"].clone().requires_grad_(True)
-        cross, smap = opt.maps(z, d["t"], True)
+        (cross, smap), = opt.maps(z, d["t"], True)  # one (cross, self) pair per image of z
         terms = compute_losses(cross, prep.token_pos, prep.loss_boxes, smap.float())
         g, = torch.autograd.grad(terms.total, z)
         lr = 20.0 * math.sqrt(np.linspace(1.0, 0.5, steps)[d["i"]])  # method.md §8
@@ -283,8 +283,8 @@ class Scripted(LatentOptimiser):
         prep = type("P", (), {"ra": type("RA", (), {"want_self_maps": True})(), "token_pos": [[1]]})()
         super().__init__(pipe, prep, ComposeSpec(**spec), steps)
 
-    def maps(self, z, t, grad):
-        return [z], None
+    def maps(self, z, t, grad, i=0):
+        return [([z[b:b + 1]], None) for b in range(z.shape[0])]
 
     def loss(self, cross, smap):
         return cross[0].sum() * 0 + self.values.pop(0), None
@@ -304,8 +304,8 @@ def test_stopping_rule_on_a_scripted_loss(our_pipe, values, steps, optimised):
     x = torch.zeros(1)
     for i in range(steps):
         x = opt.step(i, 0, x, sch)
-    assert opt.optimised_steps == optimised
-    assert opt.losses == pytest.approx(values[:optimised])
+    assert opt.optimised_steps == [optimised]
+    assert opt.losses[0] == pytest.approx(values[:optimised])
 
 
 # --- each switch against what it must change --------------------------------------------------------------------
