@@ -2,6 +2,7 @@
 
     pipe = composer.load("stable-diffusion-v1-5/")            # diffusers folder or single file
     img = pipe.generate("a red fox in snow", seed=7)          # text to image
+    imgs = pipe.generate("a red fox in snow", seed=[7, 8, 9])  # three seeds as one batch (a list of images)
     img = composer.compose(pipe, {"prompt": ..., "regions": [...]})   # multi-concept composition
 """
 __version__ = "0.1.0"  # first: submodules record it in image metadata

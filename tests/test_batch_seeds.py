@@ -155,6 +155,15 @@ def test_compose_batch_equals_one_at_a_time(pipe, concepts, sampler):
         assert [d["i"] for ev, d in mine[1:]] == list(range(steps[b]))
 
 
+def test_compose_batch_with_region_loras_in_every_layer(pipe, concepts):
+    """lora_scope="all": each concept's whole LoRA on its region's tokens/pixels (RegionLoRA), with B images."""
+    spec = comp_spec(concepts, steps=2, lora_scope="all", guidance=1.0)  # and no CFG: the cond half only
+    lat, infos = compose_latents(pipe, spec, seed=[3, 4])
+    for b, s in enumerate((3, 4)):
+        one, info = compose_latents(pipe, spec, seed=s)
+        assert max_rel_err(lat[b:b + 1], one) <= TOL and infos[b]["loss"] == pytest.approx(info["loss"], rel=TOL)
+
+
 class ScriptedBatch(LatentOptimiser):
     """The loop's optimiser with each image's loss scripted (a real gradient: L_b = v·mean(z_b)), to check that an
     image that stopped is left out of the loss pass and its latent is never changed again."""
