@@ -85,7 +85,8 @@ def residual(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     else holds (a layer's output). Why: on CPU every large temporary is a fresh mmap whose pages fault in on first
     touch; at SD1.5 sizes the residual adds alone allocate ~1 GB per UNet pass. Only when both have one layout
     (or x broadcasts): ``x + y`` takes x's memory layout, and a conv output may be channels-last where x is not;
-    keeping y's would send the following ops down other kernels. So the result is bit-identical to ``x + y``."""
+    keeping y's would send the following ops down other kernels. So the result is bit-identical to ``x + y``.
+    (A forward hook that keeps a layer's output under no_grad should clone it: the output may be added into.)"""
     if not torch.is_grad_enabled() and (x.shape != y.shape or x.stride() == y.stride()):
         return y.add_(x)
     return x + y

@@ -276,7 +276,8 @@ def test_scope_all_every_layer_is_lora_r_inside_box_r_and_base_outside(pipe, fil
 
     def hook(mod, args, kwargs, out, path):
         if kwargs.get("scope") is not None and not path.endswith(skip) and any(n in mod.adapters for n in names):
-            seen.append((path, mod, args[0].detach(), out.detach()))
+            # clones: under no_grad the UNet adds residuals into layer outputs in place (layers.residual)
+            seen.append((path, mod, args[0].detach().clone(), out.detach().clone()))
     hooks = [m.register_forward_hook(lambda mod, a, k, o, p=p: hook(mod, a, k, o, p), with_kwargs=True)
              for p, m in pipe.unet.named_modules() if isinstance(m, (Linear, Conv2d))]
     x = torch.randn(1, 4, 16, 16)
