@@ -205,7 +205,7 @@ def run_jobs(pipe, jobs_path: str, out_dir: str, *, rank: int = 0, world: int = 
         try:
             cache.touch(spec)
             lat, info = compose_latents(pipe, spec)
-            image = to_pil(pipe.decode(lat))[0]
+            image = to_pil(pipe.decode(lat, tile=spec.vae_tile))[0]
             dt = time.perf_counter() - t0
             rec = {**spec.record(model=model), "job": job.name}
             save_png(image, png, rec)

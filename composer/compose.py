@@ -342,7 +342,7 @@ def compose(pipe, spec, *, callback=None, debug_dir: str | None = None, backend=
     if debug_dir:
         rec = DebugRecorder(steps=(0, spec.steps // 5, last_optimised_step(spec, spec.steps)))
     lat, info = compose_latents(pipe, spec, callback=callback, observer=rec, backend=backend, strict=strict)
-    img = to_pil(pipe.decode(lat))[0]
+    img = to_pil(pipe.decode(lat, tile=spec.vae_tile))[0]
     if debug_dir:
         rec.write(debug_dir, img, spec, info, pipe)
     return (img, info) if return_info else img

@@ -26,6 +26,7 @@ from .layers import lora_layers
 from .lora import LoRASet, read_lora, resolve, target_table
 from .schedulers import SchedulerConfig, make_sampler
 from .spec import check_size
+from .vae import auto_tile
 
 log = logging.getLogger(__name__)
 
@@ -196,15 +197,22 @@ class Pipeline:
         return e
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents [B, 4, h, w] -> images [B, 3, 8h, 8w] in [-1, 1] (VAE in its own dtype, fp32 by default)."""
+    def decode(self, latents: torch.Tensor, tile: int | None = None, overlap: int | None = None) -> torch.Tensor:
+        """Scaled latents [B, 4, h, w] -> images [B, 3, 8h, 8w] in [-1, 1] (VAE in its own dtype, fp32 by default).
+
+        ``tile``: None (default) tiles automatically, only above 768² pixels of area (composer/vae.py ``auto_tile``:
+        tiles of at most 64 latent cells = 512 px); 0 never tiles; N > 0 decodes overlapping tiles of at most N×N
+        latent cells, blended with linear ramps over ``overlap`` cells (default N // 4). Tiling bounds the decoder's
+        memory by the tile but changes the image slightly (per-tile GroupNorm and attention; composer/vae.py)."""
         vdtype = next(self.vae.parameters()).dtype
-        img = self.vae.decode(latents.to(vdtype) / self.vae.scaling_factor)
+        if tile is None:
+            tile = auto_tile(*latents.shape[-2:])
+        img = self.vae.decode(latents.to(vdtype) / self.vae.scaling_factor, tile=tile, overlap=overlap)
         if not torch.isfinite(img).all():
             if vdtype != torch.float32:
                 log.warning("VAE produced NaN/Inf in %s; retrying in fp32", vdtype)
                 self.vae.float()
-                img = self.vae.decode(latents.float() / self.vae.scaling_factor)
+                img = self.vae.decode(latents.float() / self.vae.scaling_factor, tile=tile, overlap=overlap)
                 self.vae.to(vdtype)
             if not torch.isfinite(img).all():
                 raise NonFiniteError("VAE decode produced NaN/Inf (a bug or broken weights)")
