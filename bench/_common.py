@@ -22,13 +22,32 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (MB)."""
+    """Peak resident set size of this process so far (MB): VmHWM, the high-water mark of its own memory map.
+    Not getrusage's ru_maxrss: Linux carries that across exec, so a benchmark child started by a parent that
+    already held 2 GB would report the parent's peak as its own."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), e.g. "AMD EPYC"; the architecture where it is not available."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
     d = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+         "cpu_model": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
          "threads": torch.get_num_threads(), "cores": os.cpu_count()}
     try:  # the CPU model and its widest vector unit (results depend on both)
         with open("/proc/cpuinfo") as f:

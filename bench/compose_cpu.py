@@ -1,11 +1,23 @@
-"""Time and peak memory of 2- and 4-concept compositions against plain generate() on SD1.5-sized random
-weights, CPU fp32, same size and steps. Each case runs in its own process (peak RSS is per process).
+"""Where the time of a composition goes, against plain generate(), on SD1.5-sized random weights, CPU fp32, the
+same size and steps; and the peak memory of each. Each case runs in its own process (peak RSS is per process).
 
-    python bench/compose_cpu.py [--size 512] [--steps 3]     # writes bench/results/compose_cpu.json
+    python bench/compose_cpu.py [--size 256] [--steps 8] [--runs 2]   # writes bench/results/compose_cpu.json (≈ 15 min)
 
-Concepts are ED-LoRA-shaped (rank 4 on every attn1/attn2 q/k/v/out and the text encoder attention, 2
-pseudo-words × [16, 768]). With steps ≤ 25 every step runs the latent optimisation (loss forward + backward),
-so this is the method's most expensive regime. Target: 4-concept peak ≤ 1.3× plain generation's.
+Cases: plain generate; 2 and 4 ED-LoRA-shaped concepts (rank 4 on every attn1/attn2 q/k/v/out and the text
+encoder attention, 2 pseudo-words × [16, 768]); 2 kohya LoRAs given globally and bound to their regions by their
+trigger words; 2 ED-LoRA concepts with ``lora_scope="all"`` (each concept's LoRA confined to its region in every
+layer). Every run is split into
+- ``prepare``: spec checks, LoRA attach (first run only), the prompt encodings (per layer for ED-LoRA words);
+- ``reinit``: the latent re-initialisation's cond-only forward (compose only);
+- ``optimise``: the latent optimisation, one cond-only forward with gradients (stopping after the last analysis
+  layer), the losses and the backward, per optimised step (compose only; steps 0..max_opt_step = steps // 2,
+  fewer if the loss rises, so the optimised fraction of the loop is the official one);
+- ``cfg``: the rest of each step, the CFG UNet pass (with region-aware attention in a composition) and the
+  sampler step;
+- ``decode``: the VAE decode.
+The loop's parts come from the pipeline's own hooks: the denoise callback (end of every step) and the composition
+observer's "optimise" event (end of each optimisation pass); reinit, the loop and decode are timed around the
+calls. Figures are medians over runs.
 """
 import argparse
 import json
@@ -21,7 +33,13 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 from _common import peak_rss_mb, rss_mb  # noqa: E402
 
-
+CASES = {  # name: (concepts, concept kind, lora_scope)
+    "generate": (0, None, None),
+    "compose-2": (2, "edlora", "cross"),
+    "compose-4": (4, "edlora", "cross"),
+    "kohya-2-triggers": (2, "kohya", "cross"),
+    "compose-2-scope-all": (2, "edlora", "all"),
+}
 
 
 def build_pipe():
@@ -43,67 +61,182 @@ def build_pipe():
     return Pipeline(models[0].eval(), models[1].eval(), models[2].eval(), byte_tokenizer(), SchedulerConfig())
 
 
-def child(case: str, n: int, size: int, steps: int, runs: int, tmp: str):
+def concept_files(pipe, kind: str, n: int, tmp: str) -> list:
     import torch
-    from composer.compose import ComposeSpec, compose_latents
-    from composer.tiny import random_edlora
-    pipe = build_pipe()
+    from composer.io import save_safetensors
+    from composer.tiny import random_edlora, random_kohya
     paths = []
     for i in range(n):
-        p = os.path.join(tmp, f"c{i}.pth")
-        if not os.path.exists(p):
+        if kind == "edlora":
+            p = os.path.join(tmp, f"c{i}.pth")
             torch.save(random_edlora(pipe, [f"<c{i}a>", f"<c{i}b>"], seed=i, emb_std=0.02), p)
+        else:
+            p = os.path.join(tmp, f"k{i}.safetensors")
+            sd, meta = random_kohya(pipe, trigger(i), seed=i)
+            save_safetensors(sd, p, meta)
         paths.append(p)
+    return paths
+
+
+def trigger(i: int) -> str:
+    return f"zq{'xyzw'[i]}"
+
+
+def spec_for(case: str, paths: list, size: int, steps: int) -> dict:
+    n, kind, scope = CASES[case]
+    w = 1.0 / n
+    base = dict(prompt="a photo of friends in a garden", height=size, width=size, steps=steps, lora_scope=scope)
+    if kind == "kohya":  # given globally; each binds to the region whose prompt holds its trigger word
+        regs = [{"prompt": f"a {trigger(i)} person, smiling", "box": [0.1, i * w, 0.95, (i + 1) * w]} for i in range(n)]
+        return {**base, "loras": list(paths), "regions": regs}
+    regs = [{"prompt": f"a <c{i}a> <c{i}b>, smiling", "box": [0.1, i * w, 0.95, (i + 1) * w], "lora": paths[i]}
+            for i in range(n)]
+    return {**base, "regions": regs}
+
+
+class Clock:
+    """Marks from the pipeline's hooks: the denoise callback after every step, the observer's "optimise" event after
+    each optimisation pass; the loop's start and end and the re-initialisation around the calls."""
+
+    def __init__(self):
+        self.marks = []
+
+    def mark(self, what, i=None):
+        self.marks.append((what, i, time.perf_counter()))
+
+    def callback(self, i, n, **_):
+        self.mark("step", i)
+
+    def observer(self, event, **data):
+        if event == "optimise":
+            self.mark("optimise", data["i"])
+
+    def split(self) -> dict:
+        """-> {"reinit", "optimise", "cfg"} seconds and per-step lists from the marks."""
+        t = {k: 0.0 for k in ("reinit", "optimise", "cfg")}
+        per_opt, per_cfg, prev = [], [], None
+        for what, i, at in self.marks:
+            if what in ("reinit_start", "loop_start"):
+                prev = at
+                continue
+            if what == "reinit_end":
+                t["reinit"] += at - prev
+            elif what == "optimise":
+                t["optimise"] += at - prev
+                per_opt.append(at - prev)
+            elif what == "step":
+                t["cfg"] += at - prev
+                per_cfg.append(at - prev)
+            prev = at
+        return {**t, "optimised_steps": len(per_opt), "per_optimise_s": per_opt, "per_cfg_s": per_cfg}
+
+
+def child(case: str, size: int, steps: int, runs: int, tmp: str):
+    import importlib
+
+    import torch
+    cc = importlib.import_module("composer.compose")  # the module (the package's `composer.compose` is the function)
+    n, kind, _ = CASES[case]
+    pipe = build_pipe()
+    paths = concept_files(pipe, kind, n, tmp) if n else []
+    clock = Clock()
+    real_denoise, real_reinit = pipe.denoise, cc.reinitialise
+
+    def denoise(*a, **kw):
+        clock.mark("loop_start")
+        try:
+            return real_denoise(*a, **kw)
+        finally:
+            clock.mark("loop_end")
+
+    def reinitialise(*a, **kw):
+        clock.mark("reinit_start")
+        try:
+            return real_reinit(*a, **kw)
+        finally:
+            clock.mark("reinit_end")
+
+    pipe.denoise, cc.reinitialise = denoise, reinitialise
     base_rss = rss_mb()
-    times = []
+    rows = []
     for _ in range(runs):
+        clock.marks = []
         t0 = time.perf_counter()
         if case == "generate":
             lat = pipe.sample_latents("a photo of friends in a garden", height=size, width=size, steps=steps,
-                                      sampler="dpm++2m")
+                                      sampler="dpm++2m", callback=clock.callback)
+            info = {}
         else:
-            w = 1.0 / n
-            regs = [{"prompt": f"a <c{i}a> <c{i}b>, smiling", "box": [0.1, i * w, 0.95, (i + 1) * w], "lora": paths[i]}
-                    for i in range(n)]
-            lat, info = compose_latents(pipe, ComposeSpec.from_dict(dict(
-                prompt="a photo of friends in a garden", height=size, width=size, steps=steps, regions=regs)))
-        pipe.decode(lat)
-        times.append(time.perf_counter() - t0)
+            lat, info = cc.compose_latents(pipe, cc.ComposeSpec.from_dict(spec_for(case, paths, size, steps)),
+                                           callback=clock.callback, observer=clock.observer)
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            pipe.decode(lat)
+        t2 = time.perf_counter()
+        loop = next(at for w, _, at in clock.marks if w == "loop_end") - next(at for w, _, at in clock.marks
+                                                                             if w == "loop_start")
+        s = clock.split()
+        s["loop"] = loop
+        s["prepare"] = (t1 - t0) - loop - s["reinit"]
+        s["decode"] = t2 - t1
+        s["total"] = t2 - t0
+        if info:
+            assert s["optimised_steps"] == info["optimised_steps"], (s["optimised_steps"], info["optimised_steps"])
+            s["token_sources"] = [r["source"] for r in info["regions"]]
+        rows.append(s)
     peak = peak_rss_mb()
-    print(json.dumps({"case": case, "concepts": n, "median_s": statistics.median(times), "all_s": times,
+    parts = ("prepare", "reinit", "optimise", "cfg", "loop", "decode", "total")
+    med = {k: statistics.median(r[k] for r in rows) for k in parts}
+    cfg_steps = [x for r in rows for x in r["per_cfg_s"]]
+    opt_steps = [x for r in rows for x in r["per_optimise_s"]]
+    print(json.dumps({"case": case, "concepts": n, "kind": kind, "lora_scope": CASES[case][2],
+                      "median_s": med, "median_cfg_step_s": statistics.median(cfg_steps),
+                      "median_optimise_pass_s": statistics.median(opt_steps) if opt_steps else None,
+                      "optimised_steps": rows[0]["optimised_steps"], "token_sources": rows[0].get("token_sources"),
+                      "runs": [{k: r[k] for k in parts} for r in rows],
                       "rss_after_model_mb": base_rss, "peak_rss_mb": peak, "peak_over_model_mb": peak - base_rss}))
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--child", nargs=2)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--child")
     ap.add_argument("--tmp")
     a = ap.parse_args()
     if a.child:
-        return child(a.child[0], int(a.child[1]), a.size, a.steps, a.runs, a.tmp)
+        return child(a.child, a.size, a.steps, a.runs, a.tmp)
     from _common import write_result
     tmp = tempfile.mkdtemp()
-    rows = []
-    for case, n in (("generate", 0), ("compose", 2), ("compose", 4)):
-        out = subprocess.run([sys.executable, __file__, "--child", case, str(n), "--size", str(a.size), "--steps",
+    rows, t_start = [], time.perf_counter()
+    for case in a.cases.split(","):
+        out = subprocess.run([sys.executable, __file__, "--child", case, "--size", str(a.size), "--steps",
                               str(a.steps), "--runs", str(a.runs), "--tmp", tmp], capture_output=True, text=True)
         if out.returncode:
             print(out.stderr[-3000:])
             raise SystemExit(out.returncode)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(rows[-1])
-    g = rows[0]
-    for r in rows[1:]:
-        r["time_vs_generate"] = r["median_s"] / g["median_s"]
-        r["peak_vs_generate"] = r["peak_rss_mb"] / g["peak_rss_mb"]
-        r["peak_over_model_vs_generate"] = r["peak_over_model_mb"] / max(g["peak_over_model_mb"], 1e-9)
-    write_result("compose_cpu.json", {"size": a.size, "steps": a.steps, "dtype": "fp32", "runs": a.runs,
-                                      "weights": "random, SD1.5 sizes", "rows": rows,
-                                      "target": "4-concept peak <= 1.3x plain generation",
-                                      "ok": rows[2]["peak_vs_generate"] <= 1.3})
+        r = rows[-1]
+        print(r["case"], {k: round(v, 2) for k, v in r["median_s"].items()}, f"peak {r['peak_rss_mb']:.0f} MB",
+              flush=True)
+    g = next((r for r in rows if r["case"] == "generate"), None)
+    for r in rows:
+        m = r["median_s"]
+        r["share_of_total"] = {k: m[k] / m["total"] for k in ("prepare", "reinit", "optimise", "cfg", "decode")}
+        if g is not None and r is not g:
+            r["time_vs_generate"] = m["total"] / g["median_s"]["total"]
+            r["loop_vs_generate"] = m["loop"] / g["median_s"]["loop"]
+            r["cfg_step_vs_generate"] = r["median_cfg_step_s"] / g["median_cfg_step_s"]
+            r["peak_vs_generate"] = r["peak_rss_mb"] / g["peak_rss_mb"]
+            r["peak_over_model_vs_generate"] = r["peak_over_model_mb"] / max(g["peak_over_model_mb"], 1e-9)
+    four = next((r for r in rows if r["case"] == "compose-4"), None)
+    write_result("compose_cpu.json", {
+        "size": a.size, "steps": a.steps, "sampler": "dpm++2m", "dtype": "fp32", "runs": a.runs,
+        "weights": "random, SD1.5 sizes", "wall_s": time.perf_counter() - t_start, "rows": rows,
+        "target": "4-concept peak <= 1.3x plain generation",
+        "ok": None if four is None or g is None else four["peak_vs_generate"] <= 1.3})
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 
 ED-LoRA-shaped files (rank 4 on every attn1/attn2 q/k/v/out and the text encoder's attention, plus 2
 pseudo-words × [16, 768]) are written to a temporary folder and loaded with ``mode="region"`` (the way
-composition holds concepts). Peak RSS (ru_maxrss) is compared with: RSS before the model + model weights +
+composition holds concepts). Peak RSS (VmHWM) is compared with: RSS before the model + model weights +
 the LoRA files' size. Target: peak ≤ that + 10 % of (weights + files).
 """
 import os

@@ -231,7 +231,7 @@ def run_jobs(pipe, jobs_path: str, out_dir: str, *, rank: int = 0, world: int = 
         t0 = time.perf_counter()
         cache.touch(spec)
         lat, infos = compose_latents(pipe, spec, seed=[s for _, s, _ in items])
-        images = pipe.decode_images(lat)
+        images = pipe.decode_images(lat, tile=spec.vae_tile)
         dt = (time.perf_counter() - t0) / len(items)  # each image's share of the batch
         mem = {"process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         if pipe.device.type == "cuda":

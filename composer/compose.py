@@ -414,7 +414,7 @@ def compose(pipe, spec, *, seed=None, num_images: int | None = None, batch_size:
     lat, info = compose_latents(pipe, spec, seed=seeds if several else seeds[0], batch_size=batch_size,
                                 callback=callback, observer=obs, backend=backend, strict=strict)
     infos = info if several else [info]
-    images = pipe.decode_images(lat, batch_size)
+    images = pipe.decode_images(lat, batch_size, tile=spec.vae_tile)
     if debug_dir:
         for s, rec, img, inf in zip(seeds, recs, images, infos):
             rec.write(os.path.join(debug_dir, str(s)) if several else debug_dir, img, spec, inf, pipe)

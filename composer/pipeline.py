@@ -31,6 +31,7 @@ from .layers import lora_layers
 from .lora import LoRASet, read_lora, resolve, target_table
 from .schedulers import SchedulerConfig, make_sampler
 from .spec import check_size, resolve_seeds
+from .vae import auto_tile
 
 log = logging.getLogger(__name__)
 
@@ -226,24 +227,32 @@ class Pipeline:
         return e
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents [B, 4, h, w] -> images [B, 3, 8h, 8w] in [-1, 1] (VAE in its own dtype, fp32 by default)."""
+    def decode(self, latents: torch.Tensor, tile: int | None = None, overlap: int | None = None) -> torch.Tensor:
+        """Scaled latents [B, 4, h, w] -> images [B, 3, 8h, 8w] in [-1, 1] (VAE in its own dtype, fp32 by default).
+
+        ``tile``: None (default) tiles automatically, only above 768² pixels of area (composer/vae.py ``auto_tile``:
+        tiles of at most 64 latent cells = 512 px); 0 never tiles; N > 0 decodes overlapping tiles of at most N×N
+        latent cells, blended with linear ramps over ``overlap`` cells (default N // 4). Tiling bounds the decoder's
+        memory by the tile but changes the image slightly (per-tile GroupNorm and attention; composer/vae.py)."""
         vdtype = next(self.vae.parameters()).dtype
-        img = self.vae.decode(latents.to(vdtype) / self.vae.scaling_factor)
+        if tile is None:
+            tile = auto_tile(*latents.shape[-2:])
+        img = self.vae.decode(latents.to(vdtype) / self.vae.scaling_factor, tile=tile, overlap=overlap)
         if not torch.isfinite(img).all():
             if vdtype != torch.float32:
                 log.warning("VAE produced NaN/Inf in %s; retrying in fp32", vdtype)
                 self.vae.float()
-                img = self.vae.decode(latents.float() / self.vae.scaling_factor)
+                img = self.vae.decode(latents.float() / self.vae.scaling_factor, tile=tile, overlap=overlap)
                 self.vae.to(vdtype)
             if not torch.isfinite(img).all():
                 raise NonFiniteError("VAE decode produced NaN/Inf (a bug or broken weights)")
         return img.float()
 
-    def decode_images(self, latents: torch.Tensor, batch_size: int | None = None) -> list:
-        """Latents [B, 4, h, w] -> B PIL images, decoded in groups of at most ``batch_size`` (the VAE's memory)."""
+    def decode_images(self, latents: torch.Tensor, batch_size: int | None = None, tile: int | None = None) -> list:
+        """Latents [B, 4, h, w] -> B PIL images, decoded in groups of at most ``batch_size`` (the VAE's memory);
+        ``tile`` as in :meth:`decode`."""
         return [im for g in chunks(list(range(latents.shape[0])), batch_size)
-                for im in to_pil(self.decode(latents[g[0]:g[-1] + 1]))]
+                for im in to_pil(self.decode(latents[g[0]:g[-1] + 1], tile=tile))]
 
     # --- the denoising loop --------------------------------------------------------------------------------
 
@@ -325,11 +334,13 @@ class Pipeline:
         return torch.cat(out) if len(out) > 1 else out[0]
 
     def generate(self, prompt: str, **kw):
-        """Text to image (optionally with image ``conditions``); keywords as in :meth:`sample_latents`. Returns a PIL
-        image for an int ``seed`` without ``num_images``, else a list of PIL images, one per seed (even for one)."""
+        """Text to image (optionally with image ``conditions``); keywords as in :meth:`sample_latents`, plus
+        ``vae_tile`` (as ``tile`` in :meth:`decode`). Returns a PIL image for an int ``seed`` without ``num_images``,
+        else a list of PIL images, one per seed (even for one)."""
         _, several = resolve_seeds(kw.get("seed", 0), kw.get("num_images"))
+        tile = kw.pop("vae_tile", None)
         lat = self.sample_latents(prompt, **kw)
-        images = self.decode_images(lat, kw.get("batch_size"))
+        images = self.decode_images(lat, kw.get("batch_size"), tile=tile)
         return images if several else images[0]
 
     def to(self, device=None, dtype=None):

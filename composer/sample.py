@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
                                               f"embedded model: {EMBEDDED_DEFAULTS['width']}, the demo its own)")
     ap.add_argument("--sampler", choices=list(SAMPLERS), help="default dpm++2m")
     ap.add_argument("--eta", type=float, help="DDIM eta (default 0) or TCD gamma (default 0.3)")
+    ap.add_argument("--vae-tile", type=int, metavar="N",
+                    help="decode the image in overlapping tiles of at most N×N latent cells (N·8 pixels, blended over "
+                         "N/4 cells) so the VAE's memory is bounded by the tile; 0 never tiles. Default: automatic, "
+                         "tiles of 64 (512 px) only above 768² pixels of area. Tiling changes the image slightly "
+                         "(per-tile GroupNorm statistics)")
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--attention", default="auto", choices=["auto", "triton", "flex", "sdpa", "math"],
@@ -225,7 +230,7 @@ def flag_overrides(a) -> dict:
     """The spec fields set explicitly on the command line (they win over the spec)."""
     over = {k: v for k, v in dict(prompt=a.prompt, negative_prompt=a.negative, steps=a.steps, guidance=a.guidance,
                                   seed=a.seed, height=a.height, width=a.width, sampler=a.sampler,
-                                  eta=a.eta).items() if v is not None}
+                                  eta=a.eta, vae_tile=a.vae_tile).items() if v is not None}
     if a.no_enhance:
         over["enhance"] = False
     if a.no_isolate:

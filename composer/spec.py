@@ -66,6 +66,9 @@ class ComposeSpec:
     # T2I-Adapters / ControlNets: [{"kind", "model", "image", "weight", "regions", "start", "end", ...}]
     # (composer/conditions.py), for text-to-image and composition alike
     conditions: list = field(default_factory=list)
+    # VAE decode in tiles of at most this many latent cells (composer/vae.py decode_tiled): None automatic (tiled
+    # only above 768² pixels of area), 0 never; tiling bounds the decoder's memory and changes the image slightly
+    vae_tile: int | None = None
     model: str | None = None
     tokenizer: str | None = None
 
@@ -106,10 +109,12 @@ class ComposeSpec:
 
     def check(self, where: str = "spec"):
         """Field-level validation (types, enums, sizes); files are checked by :meth:`check_files`."""
-        for name in ("height", "width", "steps", "seed", "max_opt_step"):
+        for name in ("height", "width", "steps", "seed", "max_opt_step", "vae_tile"):
             v = getattr(self, name)
-            if not (v is None and name == "max_opt_step") and (not isinstance(v, int) or isinstance(v, bool)):
+            if not (v is None and name in ("max_opt_step", "vae_tile")) and (not isinstance(v, int) or isinstance(v, bool)):
                 raise ValueError(f"{where}: '{name}' must be an integer, got {v!r}")
+        if self.vae_tile is not None and self.vae_tile < 0:
+            raise ValueError(f"{where}: 'vae_tile' must be ≥ 0 latent cells (0: never tile), got {self.vae_tile}")
         for name in ("guidance", "eta", "lr", "background_scale"):
             v = getattr(self, name)
             if not (v is None and name == "eta") and (not isinstance(v, (int, float)) or isinstance(v, bool)):
@@ -181,7 +186,7 @@ class ComposeSpec:
         d["conditions"] = [_condition_record(c) for c in self.conditions]
         if not self.regions:
             keep = ("prompt", "negative_prompt", "height", "width", "steps", "guidance", "seed", "sampler", "eta",
-                    "loras", "conditions")
+                    "loras", "conditions", "vae_tile")
             d = {k: d[k] for k in keep}
         else:
             d["background_lora"] = ref(self.background_lora)
