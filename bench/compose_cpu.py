@@ -1,7 +1,7 @@
 """Where the time of a composition goes, against plain generate(), on SD1.5-sized random weights, CPU fp32, the
 same size and steps; and the peak memory of each. Each case runs in its own process (peak RSS is per process).
 
-    python bench/compose_cpu.py [--size 256] [--steps 8] [--runs 2]   # writes bench/results/compose_cpu.json (≈ 15 min)
+    python bench/compose_cpu.py [--size 256] [--steps 20] [--runs 5]   # writes bench/results/compose_cpu.json
 
 Cases: plain generate; 2 and 4 ED-LoRA-shaped concepts (rank 4 on every attn1/attn2 q/k/v/out and the text
 encoder attention, 2 pseudo-words × [16, 768]); 2 kohya LoRAs given globally and bound to their regions by their
@@ -17,7 +17,11 @@ layer). Every run is split into
 - ``decode``: the VAE decode.
 The loop's parts come from the pipeline's own hooks: the denoise callback (end of every step) and the composition
 observer's "optimise" event (end of each optimisation pass); reinit, the loop and decode are timed around the
-calls. Figures are medians over runs.
+calls. The cases are interleaved: each round runs every case once, each in a fresh process (so a load change on
+this shared machine hits every case alike, and peak RSS is per case); the figures are medians over the rounds,
+and the per-pass figures medians over every pass of every round. ``prepare`` includes attaching the LoRAs, as a
+one-shot CLI run pays it; one untimed UNet forward and decode at the measured size warm each process up first.
+Each process runs as the CLI does on CPU: tuned allocator and pre-packed UNet convs (composer/runtime.py).
 """
 import argparse
 import json
@@ -134,10 +138,13 @@ class Clock:
 def child(case: str, size: int, steps: int, runs: int, tmp: str):
     import importlib
 
+    from composer.runtime import prepack_convs, tune_cpu_allocator
+    tune_cpu_allocator()  # as `python -m composer.sample` runs on CPU
     import torch
     cc = importlib.import_module("composer.compose")  # the module (the package's `composer.compose` is the function)
     n, kind, _ = CASES[case]
     pipe = build_pipe()
+    prepack_convs(pipe.unet)
     paths = concept_files(pipe, kind, n, tmp) if n else []
     clock = Clock()
     real_denoise, real_reinit = pipe.denoise, cc.reinitialise
@@ -158,6 +165,10 @@ def child(case: str, size: int, steps: int, runs: int, tmp: str):
 
     pipe.denoise, cc.reinitialise = denoise, reinitialise
     base_rss = rss_mb()
+    with torch.no_grad():  # warm-up at the measured shapes (oneDNN primitives, first-touch pages), not timed
+        lat = torch.randn(2, 4, size // 8, size // 8)
+        pipe.unet(lat, torch.tensor([500, 500]), torch.zeros(2, 77, 768))
+        pipe.decode(lat[:1])
     rows = []
     for _ in range(runs):
         clock.marks = []
@@ -193,15 +204,31 @@ def child(case: str, size: int, steps: int, runs: int, tmp: str):
                       "median_s": med, "median_cfg_step_s": statistics.median(cfg_steps),
                       "median_optimise_pass_s": statistics.median(opt_steps) if opt_steps else None,
                       "optimised_steps": rows[0]["optimised_steps"], "token_sources": rows[0].get("token_sources"),
-                      "runs": [{k: r[k] for k in parts} for r in rows],
+                      "runs": [{**{k: r[k] for k in parts}, "per_cfg_s": r["per_cfg_s"],
+                                "per_optimise_s": r["per_optimise_s"]} for r in rows],
                       "rss_after_model_mb": base_rss, "peak_rss_mb": peak, "peak_over_model_mb": peak - base_rss}))
+
+
+def merge_rounds(rs: list) -> dict:
+    """One case's rounds (each a child's one-run record) -> medians over rounds; per-pass medians over all passes."""
+    parts = rs[0]["median_s"].keys()
+    r = {k: rs[0][k] for k in ("case", "concepts", "kind", "lora_scope", "optimised_steps", "token_sources")}
+    r["median_s"] = {k: statistics.median(x["median_s"][k] for x in rs) for k in parts}
+    cfg = [s for x in rs for s in x["runs"][0]["per_cfg_s"]]
+    opt = [s for x in rs for s in x["runs"][0]["per_optimise_s"]]
+    r["median_cfg_step_s"] = statistics.median(cfg)
+    r["median_optimise_pass_s"] = statistics.median(opt) if opt else None
+    r["runs"] = [{k: v for k, v in x["runs"][0].items()} for x in rs]
+    for k in ("rss_after_model_mb", "peak_rss_mb", "peak_over_model_mb"):
+        r[k] = statistics.median(x[k] for x in rs)
+    return r
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--child")
     ap.add_argument("--tmp")
@@ -210,17 +237,23 @@ def main():
         return child(a.child, a.size, a.steps, a.runs, a.tmp)
     from _common import write_result
     tmp = tempfile.mkdtemp()
-    rows, t_start = [], time.perf_counter()
-    for case in a.cases.split(","):
-        out = subprocess.run([sys.executable, __file__, "--child", case, "--size", str(a.size), "--steps",
-                              str(a.steps), "--runs", str(a.runs), "--tmp", tmp], capture_output=True, text=True)
-        if out.returncode:
-            print(out.stderr[-3000:])
-            raise SystemExit(out.returncode)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        r = rows[-1]
-        print(r["case"], {k: round(v, 2) for k, v in r["median_s"].items()}, f"peak {r['peak_rss_mb']:.0f} MB",
-              flush=True)
+    cases = a.cases.split(",")
+    per_case, t_start = {c: [] for c in cases}, time.perf_counter()
+    for rnd in range(a.runs):
+        for case in cases:
+            out = subprocess.run([sys.executable, __file__, "--child", case, "--size", str(a.size), "--steps",
+                                  str(a.steps), "--runs", "1", "--tmp", tmp], capture_output=True, text=True)
+            if out.returncode:
+                print(out.stderr[-3000:])
+                raise SystemExit(out.returncode)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            per_case[case].append(r)
+            print(f"round {rnd + 1}/{a.runs}", case, {k: round(v, 2) for k, v in r["median_s"].items()},
+                  f"peak {r['peak_rss_mb']:.0f} MB", flush=True)
+        if rnd + 1 < a.runs:  # a run cut short keeps the rounds it finished
+            write_result("compose_cpu.json", {"partial": True, "rounds_done": rnd + 1, "size": a.size,
+                                              "steps": a.steps, "rows": [merge_rounds(per_case[c]) for c in cases]})
+    rows = [merge_rounds(per_case[c]) for c in cases]
     g = next((r for r in rows if r["case"] == "generate"), None)
     for r in rows:
         m = r["median_s"]
@@ -233,7 +266,7 @@ def main():
             r["peak_over_model_vs_generate"] = r["peak_over_model_mb"] / max(g["peak_over_model_mb"], 1e-9)
     four = next((r for r in rows if r["case"] == "compose-4"), None)
     write_result("compose_cpu.json", {
-        "size": a.size, "steps": a.steps, "sampler": "dpm++2m", "dtype": "fp32", "runs": a.runs,
+        "size": a.size, "steps": a.steps, "sampler": "dpm++2m", "dtype": "fp32", "rounds": a.runs,
         "weights": "random, SD1.5 sizes", "wall_s": time.perf_counter() - t_start, "rows": rows,
         "target": "4-concept peak <= 1.3x plain generation",
         "ok": None if four is None or g is None else four["peak_vs_generate"] <= 1.3})

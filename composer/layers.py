@@ -59,12 +59,38 @@ class Linear(nn.Linear, _AdapterMixin):
 
 
 class Conv2d(nn.Conv2d, _AdapterMixin):
+    """``prepack`` (off by default; composer/runtime.py ``prepack_convs`` turns it on): on CPU in fp32 and without
+    autograd, run the base conv with its weight kept in oneDNN's blocked layout for the input's shape. Why: the plain
+    path reorders the weight into that layout on every call, a fixed cost of reading and writing the whole weight;
+    measured on a 2-core AMD EPYC (AVX2), SD1.5 UNet forward at batch 2: 64² 2.4–3.1 s -> 0.8 s, 256² 6.2 -> 3.8 s,
+    512² 17.4 -> 16.6 s. The price is a second copy of the conv weights (2.4 GB for SD1.5's UNet in fp32). The
+    packed copy is rebuilt when the weight changes (a merged LoRA) or the input shape does; the output is
+    channels-last and equals the plain conv's to rounding (oneDNN, other blocking)."""
+    prepack = False
+
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self._init_adapters()
+        self._packed = None  # (key, oneDNN weight) for the last input shape
+
+    def _base(self, x):
+        if (self.prepack and x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
+                and not torch.is_grad_enabled() and self.groups == 1 and self.padding_mode == "zeros"
+                and not isinstance(self.padding, str) and x.dim() == 4):
+            w = self.weight
+            key = (w.data_ptr(), w._version, tuple(x.shape))
+            args = (list(self.padding), list(self.stride), list(self.dilation), 1)
+            try:
+                if self._packed is None or self._packed[0] != key:
+                    self._packed = None  # free the old copy before building the new one
+                    self._packed = (key, torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), *args, list(x.shape)))
+                return torch.ops.mkldnn._convolution_pointwise(x, self._packed[1], self.bias, *args, "none", [], "")
+            except (RuntimeError, AttributeError, NotImplementedError):  # a build without oneDNN: the plain conv
+                self.prepack, self._packed = False, None
+        return self._conv_forward(x, self.weight, self.bias)
 
     def forward(self, x, adapter=None, scope=None):
-        y = self._conv_forward(x, self.weight, self.bias)
+        y = self._base(x)
         for name in self._selected(adapter):
             a = self.adapters.get(name)
             if a is not None:
