@@ -473,7 +473,7 @@ def test_cli_lora_flag(ref_pipe_dir, kohya_lora, tmp_path):
     assert parse_lora_arg("C:/x/b.safetensors") == ("C:/x/b.safetensors", 1.0)
     out = tmp_path / "o.png"
     main(["--model", ref_pipe_dir, "--prompt", "a photo of a cat", "--lora", f"{kohya_lora}:0.6", "--steps", "2",
-          "--height", "64", "--width", "64", "--out", str(out), "--quiet"])
+          "--height", "64", "--width", "64", "--out", str(out), "--quiet", "--no-prepack"])  # the API's conv path
     pipe = composer.load(ref_pipe_dir)
     pipe.load_lora(kohya_lora, 0.6)
     import numpy as np
