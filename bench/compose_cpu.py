@@ -108,6 +108,16 @@ class Clock:
     def mark(self, what, i=None):
         self.marks.append((what, i, time.perf_counter()))
 
+    def around(self, fn, name):
+        """``fn`` wrapped to mark ``<name>_start`` and ``<name>_end`` around each call."""
+        def wrapped(*a, **kw):
+            self.mark(f"{name}_start")
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.mark(f"{name}_end")
+        return wrapped
+
     def callback(self, i, n, **_):
         self.mark("step", i)
 
@@ -147,23 +157,7 @@ def child(case: str, size: int, steps: int, runs: int, tmp: str):
     prepack_convs(pipe.unet)
     paths = concept_files(pipe, kind, n, tmp) if n else []
     clock = Clock()
-    real_denoise, real_reinit = pipe.denoise, cc.reinitialise
-
-    def denoise(*a, **kw):
-        clock.mark("loop_start")
-        try:
-            return real_denoise(*a, **kw)
-        finally:
-            clock.mark("loop_end")
-
-    def reinitialise(*a, **kw):
-        clock.mark("reinit_start")
-        try:
-            return real_reinit(*a, **kw)
-        finally:
-            clock.mark("reinit_end")
-
-    pipe.denoise, cc.reinitialise = denoise, reinitialise
+    pipe.denoise, cc.reinitialise = clock.around(pipe.denoise, "loop"), clock.around(cc.reinitialise, "reinit")
     base_rss = rss_mb()
     with torch.no_grad():  # warm-up at the measured shapes (oneDNN primitives, first-touch pages), not timed
         lat = torch.randn(2, 4, size // 8, size // 8)
