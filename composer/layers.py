@@ -62,8 +62,8 @@ class Conv2d(nn.Conv2d, _AdapterMixin):
     """``prepack`` (off by default; composer/runtime.py ``prepack_convs`` turns it on): on CPU in fp32 and without
     autograd, run the base conv with its weight kept in oneDNN's blocked layout for the input's shape. Why: the plain
     path reorders the weight into that layout on every call, a fixed cost of reading and writing the whole weight;
-    measured on a 2-core AMD EPYC (AVX2), SD1.5 UNet forward at batch 2: 64² 2.4–3.1 s -> 0.8 s, 256² 6.2 -> 3.8 s,
-    512² 17.4 -> 16.6 s. The price is a second copy of the conv weights (2.4 GB for SD1.5's UNet in fp32). The
+    measured on a 2-core AMD EPYC (AVX2), SD1.5 UNet forward at batch 2 (bench/unet_cpu.py, tuned allocator): 256²
+    4.87 -> 3.90 s, 512² 16.3 -> 15.4 s. The price is a second copy of the conv weights (2.4 GB for SD1.5's UNet in fp32). The
     packed copy is rebuilt when the weight changes (a merged LoRA) or the input shape does; the output is
     channels-last and equals the plain conv's to rounding (oneDNN, other blocking)."""
     prepack = False
